@@ -1,0 +1,55 @@
+"""Defaults shared by every experiment config (each config file overrides what it needs).
+
+Not an experiment itself: configs call :func:`base_config` and then set their own values.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The flat run description with every key the run loop reads."""
+  c = ml_collections.ConfigDict()
+  c.algorithm = 'fedavg'           # fedavg | fedavgm
+  c.dataset = 'digits'             # digits | mnist | fashion_mnist | emnist | cifar10 | cifar100 | npz:PATH
+  c.data_dir = ''                  # TFDS data_dir ('' = TFDS default)
+  c.model = 'mlp'
+  c.conv_impl = 'auto'             # auto | xla | matmul (auto: matmul path on CPU)
+  c.partition = 'dirichlet_balanced'  # iid | dirichlet_balanced | dirichlet | classes | shards
+  c.dirichlet_alpha = 0.3
+  c.classes_per_client = 2
+  c.shards_per_client = 2
+  c.num_clients = 100
+  c.clients_per_round = 10
+  c.sample_with_replacement = False
+  c.weighted_aggregation = True
+  c.num_rounds = 100
+  c.local_epochs = 1
+  c.local_steps = 0                # > 0: fixed local steps instead of epochs
+  c.batch_size = 32
+  c.learning_rate = 0.05
+  c.lr_decay = 1.0                 # client lr at round t: learning_rate * lr_decay**t
+  c.momentum = 0.0
+  c.weight_decay = 0.0
+  c.clip_norm = 0.0                # 0 = no clipping
+  c.server_learning_rate = 1.0
+  c.server_momentum = 0.9          # used by fedavgm
+  c.strategy = 'auto'              # auto | vmap | chunked | sequential | sharded
+  c.chunk_size = 8
+  c.eval_every = 5
+  c.eval_batch_size = 1000
+  c.checkpoint_every = 0           # rounds between checkpoints (0 = none)
+  c.seed = 0
+  return c
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any experiment to seconds: few clients, rounds and steps; same code paths."""
+  c.num_clients = min(c.num_clients, 8)
+  c.clients_per_round = min(c.clients_per_round, 3)
+  c.num_rounds = 2
+  c.local_epochs = 1
+  c.local_steps = 2
+  c.batch_size = min(c.batch_size, 16)
+  c.eval_every = 1
+  c.eval_batch_size = 256
+  return c

@@ -1,0 +1,130 @@
+"""FedAvg and FedAvgM: dense federated averaging, with plain or momentum server updates.
+
+* H. B. McMahan, E. Moore, D. Ramage, S. Hampson, B. Agüera y Arcas. "Communication-Efficient
+  Learning of Deep Networks from Decentralized Data." AISTATS 2017. arXiv:1602.05629.
+* T.-M. H. Hsu, H. Qi, M. Brown. "Measuring the Effects of Non-Identical Data Distribution for
+  Federated Visual Classification." arXiv:1909.06335, 2019 (FedAvgM: server momentum).
+
+Each round: sample K clients; each starts from the global params and runs local SGD; it uploads
+its model delta Δ_k = w_k − w (dense float32). The server averages the deltas (weights ∝ n_k, or
+uniform) and feeds −Δ̄ as a pseudo-gradient to an optax server optimizer: ``sgd(1.0)`` recovers
+plain averaging, ``sgd(lr, momentum)`` is FedAvgM.
+
+Example::
+
+  >>> alg = fedavg(model.apply, cohort=CohortConfig(10), local=LocalConfig(batch_size=32),
+  ...              learning_rate=0.05)
+  >>> state = alg.init(jax.random.key(0), params)
+  >>> state, metrics = jax.jit(alg.round)(state, data, jax.random.key(1))
+"""
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from fedsparse import comm
+from fedsparse.data import FederatedData
+from fedsparse.engine import (Algorithm, ClientMapping, CohortConfig, LocalConfig,
+                              aggregation_weights, client_optimizer, make_schedule, map_clients,
+                              run_local, sample_cohort, sgd_step, weighted_mean)
+
+__all__ = ['FedAvgState', 'fedavg', 'fedavgm', 'client_learning_rate']
+
+
+class FedAvgState(NamedTuple):
+  """Server state: global params, server optimizer state and the round counter."""
+  params: Any
+  opt_state: optax.OptState
+  round: jax.Array  # int32 scalar
+
+
+def client_learning_rate(learning_rate: float, lr_decay: float, round_: jax.Array) -> jax.Array:
+  """Per-round decayed client learning rate ``lr · decay^t`` (a traced scalar)."""
+  return jnp.float32(learning_rate) * jnp.float32(lr_decay) ** round_.astype(jnp.float32)
+
+
+def fedavg(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: LocalConfig,
+           learning_rate: float, lr_decay: float = 1.0,
+           server_optimizer: optax.GradientTransformation | None = None,
+           mapping: ClientMapping = ClientMapping()) -> Algorithm:
+  """FedAvg with an optax server optimizer (default: plain averaging, ``optax.sgd(1.0)``).
+
+  Args:
+    apply_fn: the flax ``Module.apply`` of the model.
+    cohort: cohort size, sampling and aggregation weighting.
+    local: local training settings (batch size, epochs or steps, client SGD options).
+    learning_rate: client learning rate at round 0.
+    lr_decay: multiplicative per-round decay of the client learning rate.
+    server_optimizer: applied to the pseudo-gradient −Δ̄.
+    mapping: how clients are mapped over the cohort axis.
+
+  Returns:
+    An :class:`~fedsparse.engine.Algorithm`.
+  """
+  if learning_rate <= 0:
+    raise ValueError(f'learning_rate must be positive, got {learning_rate}.')
+  if not 0 < lr_decay <= 1:
+    raise ValueError(f'lr_decay must be in (0, 1], got {lr_decay}.')
+  server_optimizer = server_optimizer or optax.sgd(1.0)
+  k = cohort.clients_per_round
+
+  def init(key: jax.Array, params: Any) -> FedAvgState:
+    del key  # deterministic
+    return FedAvgState(params=params, opt_state=server_optimizer.init(params),
+                       round=jnp.zeros((), jnp.int32))
+
+  def client_update(shared, client_id, key):
+    params, data, lr = shared
+    schedule_key, train_key = jax.random.split(key)
+    schedule = make_schedule(schedule_key, data.client_index[client_id],
+                             data.client_size[client_id], local)
+    optimizer = client_optimizer(local, lr)
+    step = sgd_step(apply_fn, optimizer)
+    new_params, _, loss = run_local(step, params, optimizer.init(params), schedule, data,
+                                    train_key)
+    return jax.tree.map(jnp.subtract, new_params, params), loss
+
+  def round_fn(state: FedAvgState, data: FederatedData, key: jax.Array
+               ) -> tuple[FedAvgState, dict[str, jax.Array]]:
+    sample_key, clients_key = jax.random.split(key)
+    clients = sample_cohort(sample_key, data.num_clients, k, cohort.replace)
+    client_keys = jax.random.split(clients_key, k)  # one key per client, never shared
+    lr = client_learning_rate(learning_rate, lr_decay, state.round)
+    deltas, losses = map_clients(client_update, (state.params, data, lr), clients, client_keys,
+                                 mapping=mapping)
+    weights = aggregation_weights(data.client_size[clients], cohort.weighted)
+    mean_delta = weighted_mean(deltas, weights)
+    pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
+    updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    bits = comm.dense_bits(state.params)
+    metrics = {
+        'train_loss': jnp.sum(weights * losses),
+        'client_loss': losses,
+        'clients': clients,
+        'bits_up': comm.per_client(bits, k),
+        'bits_down': comm.per_client(bits, k),
+    }
+    return FedAvgState(params, opt_state, state.round + 1), metrics
+
+  return Algorithm(init=init, round=round_fn, eval_params=lambda state: state.params)
+
+
+def fedavgm(apply_fn: Callable[..., jax.Array], *, server_learning_rate: float = 1.0,
+            server_momentum: float = 0.9, **kwargs: Any) -> Algorithm:
+  """FedAvgM (Hsu et al., 2019): FedAvg with server SGD with momentum on −Δ̄.
+
+  Args:
+    apply_fn: the flax ``Module.apply`` of the model.
+    server_learning_rate: server step size.
+    server_momentum: server momentum β (0.9 in the paper's sweeps).
+    **kwargs: forwarded to :func:`fedavg`.
+  """
+  if server_learning_rate <= 0:
+    raise ValueError(f'server_learning_rate must be positive, got {server_learning_rate}.')
+  if not 0 <= server_momentum < 1:
+    raise ValueError(f'server_momentum must be in [0, 1), got {server_momentum}.')
+  return fedavg(apply_fn, server_optimizer=optax.sgd(server_learning_rate,
+                                                     momentum=server_momentum), **kwargs)

@@ -1,0 +1,16 @@
+"""The federated round engine: client mapping, local training, sampling and aggregation."""
+
+from fedsparse.engine.algorithm import Algorithm
+from fedsparse.engine.cohort import (CohortConfig, aggregation_weights, sample_cohort,
+                                     weighted_mean)
+from fedsparse.engine.evaluation import make_evaluator
+from fedsparse.engine.local import (Batch, LocalConfig, Schedule, client_optimizer, cross_entropy,
+                                    gather_batch, make_schedule, run_local, sgd_step)
+from fedsparse.engine.mapping import STRATEGIES, ClientMapping, default_strategy, map_clients
+
+__all__ = [
+    'Algorithm', 'Batch', 'ClientMapping', 'CohortConfig', 'LocalConfig', 'STRATEGIES',
+    'Schedule', 'aggregation_weights', 'client_optimizer', 'cross_entropy', 'default_strategy',
+    'gather_batch', 'make_evaluator', 'make_schedule', 'map_clients', 'run_local',
+    'sample_cohort', 'sgd_step', 'weighted_mean',
+]

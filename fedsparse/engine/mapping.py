@@ -1,0 +1,139 @@
+"""How the per-client computation is mapped over the cohort: the one place that decides.
+
+Algorithms write the work of ONE client as a function and hand it to :func:`map_clients`; they
+never call ``jax.vmap``, ``lax.map`` or sharding APIs themselves, so every algorithm gets every
+strategy for free and strategies can be compared on the same code.
+
+Strategies:
+
+* ``vmap`` -- all clients at once along a batch axis. Fastest on GPU/TPU; memory grows with the
+  cohort.
+* ``chunked`` -- ``vmap`` over chunks of ``chunk_size`` clients, chunks in sequence
+  (``lax.map(..., batch_size=chunk_size)``): bounded memory for large cohorts, e.g. scoring
+  1,000 clients at once.
+* ``sequential`` -- one client after another (``lax.map``). Least memory.
+* ``sharded`` -- the client axis split over all local devices of a ``jax.sharding.Mesh`` with
+  axis ``'clients'`` (``jax.shard_map``); each device maps its share with ``inner`` (one of the
+  strategies above). The cohort is padded to a multiple of the device count.
+* ``auto`` -- chosen per backend by :func:`default_strategy` from measurement (see README).
+
+Example::
+
+  >>> mapping = ClientMapping('chunked', chunk_size=4)
+  >>> out = map_clients(lambda shared, x: shared * x, 2.0, jnp.arange(10.0), mapping=mapping)
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+__all__ = ['STRATEGIES', 'ClientMapping', 'default_strategy', 'map_clients']
+
+STRATEGIES = ('auto', 'vmap', 'chunked', 'sequential', 'sharded')
+_LOCAL_STRATEGIES = ('vmap', 'chunked', 'sequential')
+
+
+def default_strategy(backend: str | None = None) -> str:
+  """The strategy ``auto`` resolves to on ``backend`` (default: JAX's default backend).
+
+  On GPU/TPU one wide ``vmap`` keeps the accelerator busy. On XLA:CPU, with convolutions written
+  on the matmul path (``fedsparse.models.layers``), running clients one after another inside the
+  jit is the fastest: each client's matmuls are already large enough to use every core, and
+  ``vmap`` turns per-client kernels into batched matmuls that XLA:CPU runs less efficiently
+  (numbers in the README's benchmark table, ``scripts/bench_round.py``).
+  """
+  backend = backend or jax.default_backend()
+  return 'sequential' if backend == 'cpu' else 'vmap'
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientMapping:
+  """A client mapping strategy (static configuration, never part of jitted state).
+
+  Attributes:
+    strategy: one of :data:`STRATEGIES`.
+    chunk_size: clients per ``vmap`` chunk for ``chunked`` (and for ``sharded`` with
+      ``inner='chunked'``).
+    inner: how each device maps its share of clients under ``sharded``; ``auto`` follows the
+      backend like the top-level ``auto``.
+  """
+  strategy: str = 'auto'
+  chunk_size: int = 8
+  inner: str = 'auto'
+
+  def __post_init__(self):
+    if self.strategy not in STRATEGIES:
+      raise ValueError(
+          f'Unknown client mapping strategy {self.strategy!r}; valid: {", ".join(STRATEGIES)}.')
+    if self.inner not in ('auto',) + _LOCAL_STRATEGIES:
+      raise ValueError(f'Unknown inner strategy {self.inner!r} for sharded mapping; valid: '
+                       f'{", ".join(("auto",) + _LOCAL_STRATEGIES)}.')
+    if self.chunk_size < 1:
+      raise ValueError(f'chunk_size must be a positive integer, got {self.chunk_size}.')
+
+  def resolved(self) -> str:
+    """The concrete strategy name (``auto`` replaced by the backend's default)."""
+    return default_strategy() if self.strategy == 'auto' else self.strategy
+
+
+def _map_local(strategy: str, fn: Callable[..., Any], shared: Any, xs: tuple[Any, ...],
+               chunk_size: int) -> Any:
+  """Maps ``fn(shared, *x)`` over the leading axis of ``xs`` on the current device(s)."""
+  def one(x):
+    return fn(shared, *x)
+
+  if strategy == 'vmap':
+    return jax.vmap(one)(xs)
+  if strategy == 'sequential':
+    return jax.lax.map(one, xs)
+  if strategy == 'chunked':
+    return jax.lax.map(one, xs, batch_size=chunk_size)
+  raise ValueError(f'Unknown local strategy {strategy!r}; valid: {", ".join(_LOCAL_STRATEGIES)}.')
+
+
+def _pad_leading(tree: Any, multiple: int) -> tuple[Any, int]:
+  """Pads the leading axis of every leaf to a multiple by repeating its first row."""
+  n = jax.tree.leaves(tree)[0].shape[0]
+  pad = -n % multiple
+  if pad == 0:
+    return tree, n
+  def pad_leaf(x):
+    filler = jnp.broadcast_to(x[:1], (pad,) + x.shape[1:])
+    return jnp.concatenate([x, filler], axis=0)
+  return jax.tree.map(pad_leaf, tree), n
+
+
+def map_clients(fn: Callable[..., Any], shared: Any, *client_args: Any,
+                mapping: ClientMapping = ClientMapping()) -> Any:
+  """Runs ``fn(shared, *args_of_one_client)`` for every client and stacks the results.
+
+  Args:
+    fn: the work of one client. ``shared`` is passed unchanged to every client (e.g. the global
+      params); each of ``client_args`` is a pytree whose leaves carry the clients on axis 0.
+    shared: a pytree shared by all clients (replicated under ``sharded``).
+    *client_args: per-client pytrees with a leading client axis of the same length.
+    mapping: the strategy.
+
+  Returns:
+    ``fn``'s outputs with a leading client axis, in client order.
+  """
+  strategy = mapping.resolved()
+  if strategy != 'sharded':
+    return _map_local(strategy, fn, shared, client_args, mapping.chunk_size)
+
+  inner = default_strategy() if mapping.inner == 'auto' else mapping.inner
+  devices = jax.devices()
+  # Auto axes let XLA insert the resharding of inputs that arrive replicated.
+  mesh = jax.make_mesh((len(devices),), ('clients',), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  padded, n = _pad_leading(client_args, len(devices))
+
+  def per_device(shared_, xs):
+    return _map_local(inner, fn, shared_, xs, mapping.chunk_size)
+
+  out = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('clients')),
+                      out_specs=P('clients'))(shared, padded)
+  return jax.tree.map(lambda x: x[:n], out)

@@ -1,0 +1,185 @@
+"""Tests of the round engine: client mapping, schedules, local training, aggregation, eval."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fedsparse import engine
+from tests.toy import STRATEGY_MAPPINGS, tiny_federated
+
+# ---------------------------------------------------------------- client mapping
+
+
+@pytest.mark.parametrize('mapping', STRATEGY_MAPPINGS, ids=lambda m: f'{m.strategy}-{m.inner}')
+def test_map_clients_matches_python_loop(mapping):
+  assert jax.device_count() == 8  # conftest: sharded runs on 8 host devices
+  xs = jnp.arange(10 * 3, dtype=jnp.float32).reshape(10, 3)  # 10 clients: not a multiple of 8
+  keys = jax.random.split(jax.random.key(0), 10)
+  def fn(shared, x, key):
+    return {'y': shared['a'] * x + jax.random.normal(key, ()), 's': jnp.sum(x)}
+  shared = {'a': jnp.float32(2.0)}
+  out = jax.jit(lambda s, x, k: engine.map_clients(fn, s, x, k, mapping=mapping))(
+      shared, xs, keys)
+  expected = [fn(shared, xs[i], keys[i]) for i in range(10)]
+  np.testing.assert_allclose(out['y'], np.stack([e['y'] for e in expected]), rtol=1e-6)
+  np.testing.assert_allclose(out['s'], np.stack([e['s'] for e in expected]), rtol=1e-6)
+
+
+def test_client_mapping_rejects_unknown_names():
+  with pytest.raises(ValueError, match='valid: auto, vmap, chunked, sequential, sharded'):
+    engine.ClientMapping('pmap')
+  with pytest.raises(ValueError, match='inner'):
+    engine.ClientMapping('sharded', inner='sharded')
+  with pytest.raises(ValueError, match='chunk_size'):
+    engine.ClientMapping('chunked', chunk_size=0)
+
+
+def test_auto_strategy_depends_on_backend():
+  assert engine.default_strategy('cpu') == 'sequential'
+  assert engine.default_strategy('gpu') == 'vmap'
+  assert engine.default_strategy('tpu') == 'vmap'
+  assert engine.ClientMapping('auto').resolved() == engine.default_strategy()
+
+
+# ---------------------------------------------------------------- schedules
+
+
+def _schedule(size, nmax, **config):
+  index = jnp.arange(100, 100 + nmax, dtype=jnp.int32)  # the client's rows are 100..100+nmax
+  return engine.make_schedule(jax.random.key(3), index, jnp.int32(size),
+                              engine.LocalConfig(**config))
+
+
+def test_epoch_schedule_visits_every_example_once_per_epoch():
+  s = _schedule(size=5, nmax=8, batch_size=2, local_epochs=3)
+  # ceil(8/2) = 4 static steps per epoch; this client needs ceil(5/2) = 3 of them.
+  assert s.index.shape == (12, 2)
+  np.testing.assert_array_equal(s.active, [True, True, True, False] * 3)
+  np.testing.assert_array_equal(s.epoch, np.repeat(np.arange(3), 4))
+  for e in range(3):
+    rows = slice(4 * e, 4 * e + 4)
+    seen = np.asarray(s.index[rows])[np.asarray(s.example_mask[rows])]
+    assert sorted(seen.tolist()) == [100, 101, 102, 103, 104]  # a permutation of its 5 examples
+  # Epochs are reshuffled.
+  first = [np.asarray(s.index[4 * e:4 * e + 3]).ravel()[:5].tolist() for e in range(3)]
+  assert len({tuple(f) for f in first}) > 1
+
+
+def test_fixed_step_schedule_draws_distinct_examples():
+  s = _schedule(size=5, nmax=8, batch_size=3, local_steps=7)
+  assert s.index.shape == (7, 3)
+  assert bool(jnp.all(s.active)) and bool(jnp.all(s.example_mask))
+  for row in np.asarray(s.index):
+    assert len(set(row.tolist())) == 3 and set(row.tolist()) <= set(range(100, 105))
+
+
+def test_fixed_step_schedule_smaller_client_than_batch():
+  s = _schedule(size=2, nmax=3, batch_size=4, local_steps=2)
+  np.testing.assert_array_equal(s.example_mask, [[True, True, False, False]] * 2)
+  for row in np.asarray(s.index):
+    assert set(row[:2].tolist()) == {100, 101}
+
+
+# ---------------------------------------------------------------- local training
+
+
+def _linear_apply(variables, x, train=False):
+  del train
+  return x.reshape(x.shape[0], -1) @ variables['params']['w']
+
+
+def test_frozen_steps_leave_no_trace():
+  fd = tiny_federated()
+  params = {'w': jnp.full((16, 3), 0.01, jnp.float32)}
+  config = engine.LocalConfig(batch_size=4, local_epochs=2, momentum=0.9)
+  opt = engine.client_optimizer(config, jnp.float32(0.1))
+  step = engine.sgd_step(_linear_apply, opt)
+  c = int(np.argmin(np.asarray(fd.client_size)))
+  schedule = engine.make_schedule(jax.random.key(0), fd.client_index[c], fd.client_size[c],
+                                  config)
+  assert not bool(jnp.all(schedule.active))  # the smallest client has padding steps
+  out, _, loss = engine.run_local(step, params, opt.init(params), schedule, fd, jax.random.key(1))
+  # The same run over only the active steps.
+  p, s = params, opt.init(params)
+  losses = []
+  for i in np.flatnonzero(np.asarray(schedule.active)):
+    batch = engine.gather_batch(fd, schedule.index[i], schedule.example_mask[i])
+    p, s, l = step(p, s, batch, None)
+    losses.append(l)
+  np.testing.assert_allclose(out['w'], p['w'], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(loss, np.mean(losses), rtol=1e-5)
+
+
+def test_client_optimizer_matches_pytorch_sgd_order():
+  # PyTorch SGD: clip, then g += wd·w, then buf = m·buf + g, w -= lr·buf.
+  config = engine.LocalConfig(momentum=0.5, weight_decay=0.1, clip_norm=1.0)
+  opt = engine.client_optimizer(config, jnp.float32(0.2))
+  w = {'w': jnp.array([1.0, -2.0], jnp.float32)}
+  g = {'w': jnp.array([3.0, 4.0], jnp.float32)}  # norm 5 -> clipped to [0.6, 0.8]
+  state = opt.init(w)
+  u1, state = opt.update(g, state, w)
+  g1 = np.array([0.6, 0.8]) + 0.1 * np.array([1.0, -2.0])
+  np.testing.assert_allclose(u1['w'], -0.2 * g1, rtol=1e-6)
+  w2 = optax.apply_updates(w, u1)
+  u2, _ = opt.update(g, state, w2)
+  g2 = np.array([0.6, 0.8]) + 0.1 * np.asarray(w2['w'])
+  np.testing.assert_allclose(u2['w'], -0.2 * (0.5 * g1 + g2), rtol=1e-6)
+
+
+def test_cross_entropy_ignores_padding():
+  logits = jnp.array([[2.0, 0.0], [0.0, 2.0], [100.0, -100.0]], jnp.float32)
+  labels = jnp.array([0, 0, 1], jnp.int32)
+  mask = jnp.array([True, True, False])
+  expected = (np.log1p(np.exp(-2.0)) + np.log1p(np.exp(2.0))) / 2
+  np.testing.assert_allclose(engine.cross_entropy(logits, labels, mask), expected, rtol=1e-6)
+
+
+# ---------------------------------------------------------------- sampling, aggregation
+
+
+def test_weighted_mean_reduces_the_client_axis_only():
+  trees = {'a': jnp.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], jnp.float32)}
+  w = engine.aggregation_weights(jnp.array([1, 1, 2], jnp.int32), weighted=True)
+  np.testing.assert_allclose(w, [0.25, 0.25, 0.5])
+  out = engine.weighted_mean(trees, w)
+  np.testing.assert_allclose(out['a'], [0.25 * 1 + 0.25 * 3 + 0.5 * 5, 0.25 * 2 + 0.25 * 4 + 3])
+  u = engine.aggregation_weights(jnp.array([1, 1, 2], jnp.int32), weighted=False)
+  np.testing.assert_allclose(u, [1 / 3] * 3, rtol=1e-6)
+
+
+def test_sample_cohort_without_replacement_is_distinct_and_uniform():
+  counts = np.zeros(20)
+  for i in range(300):
+    ids = np.asarray(engine.sample_cohort(jax.random.key(i), 20, 5, replace=False))
+    assert len(set(ids.tolist())) == 5 and ids.min() >= 0 and ids.max() < 20
+    counts[ids] += 1
+  # Each client is picked with probability 1/4: 75 expected of 300, sd ≈ 7.5.
+  assert np.all(np.abs(counts - 75) < 35)
+  with_repl = engine.sample_cohort(jax.random.key(0), 3, 50, replace=True)
+  assert len(set(np.asarray(with_repl).tolist())) <= 3
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def test_evaluator_pooled_and_client_accuracy_by_hand():
+  fd = tiny_federated(num_clients=4, method='iid')
+  # A linear model that reads pixel (c, 0) for class c: perfect on this toy data.
+  w = np.zeros((16, 3), np.float32)
+  for c in range(3):
+    w[4 * c, c] = 10.0
+  evaluate = engine.make_evaluator(_linear_apply, batch_size=7)  # 30 = 4·7 + 2: padded batch
+  out = evaluate({'w': jnp.asarray(w)}, fd)
+  assert float(out['test_accuracy']) == 1.0
+  assert float(out['client_accuracy_mean']) == 1.0
+  # All-zero logits: argmax picks class 0 everywhere and the loss is log 3.
+  w0 = np.zeros((16, 3), np.float32)
+  out = evaluate({'w': jnp.asarray(w0)}, fd)
+  y_test = np.asarray(fd.y_test)
+  np.testing.assert_allclose(out['test_accuracy'], np.mean(y_test == 0), rtol=1e-6)
+  idx, size = np.asarray(fd.client_test_index), np.asarray(fd.client_test_size)
+  per_client = [np.mean(y_test[idx[k, :size[k]]] == 0) for k in range(4)]
+  np.testing.assert_allclose(out['client_accuracy_mean'], np.mean(per_client), rtol=1e-6)
+  np.testing.assert_allclose(out['test_loss'], np.log(3.0), rtol=1e-5)  # all logits tie
