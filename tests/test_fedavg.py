@@ -17,7 +17,7 @@ from tests.toy import STRATEGY_MAPPINGS, tiny_federated
 def linear_apply(variables, x, train=False):
   del train
   p = variables['params']
-  return x.reshape(x.shape[0], -1) @ p['w'] + p['b']
+  return x.reshape(x.shape[0], -1) @ p['w'] + p['b'][None, :]
 
 
 def init_params():

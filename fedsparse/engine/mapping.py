@@ -134,6 +134,8 @@ def map_clients(fn: Callable[..., Any], shared: Any, *client_args: Any,
   def per_device(shared_, xs):
     return _map_local(inner, fn, shared_, xs, mapping.chunk_size)
 
+  # check_vma=False: client work starts from replicated values (the global params) that become
+  # per-device inside loops; the type check would make every algorithm insert pcast calls.
   out = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('clients')),
-                      out_specs=P('clients'))(shared, padded)
+                      out_specs=P('clients'), check_vma=False)(shared, padded)
   return jax.tree.map(lambda x: x[:n], out)
