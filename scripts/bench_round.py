@@ -163,8 +163,16 @@ def bench_setting(model_name: str, cohort: int, peak: float, rows: list[dict[str
   base = baseline_round(model_xla, params, fd, dataset.x_train, dataset.y_train, clients,
                         schedules, 0.05)
   first, t, times = median_seconds(base, _REPEATS.value)
-  record('baseline (python loop)', first - t if times else float('nan'), t, times)
+  record('baseline: python loop', first - t if times else float('nan'), t, times)
   baseline_s = t
+  if models.layers.resolve_impl('auto') != 'xla':
+    # For transparency: the same loop on fedsparse's CPU conv formulation (not the baseline).
+    loop = baseline_round(model, params, fd, dataset.x_train, dataset.y_train, clients,
+                          schedules, 0.05)
+    first, t, times = median_seconds(loop, _REPEATS.value)
+    record(f'python loop, {models.layers.resolve_impl("auto")} conv', first - t if times
+           else float('nan'), t, times)
+    rows[-1]['speedup'] = baseline_s / t
 
   for strategy in _STRATEGIES.value:
     mapping = engine.ClientMapping(strategy, chunk_size=_CHUNK.value)

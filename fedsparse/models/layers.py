@@ -1,27 +1,33 @@
 """Convolution and max-pooling layers that stay fast inside loops on XLA:CPU.
 
 The federated round runs the local SGD steps of every client in `lax.scan`, with clients mapped
-by `vmap` or `lax.map`. On XLA:CPU a convolution *gradient* inside such a loop, or under `vmap`
-(where per-client kernels turn into a grouped convolution), leaves the fast convolution path and
-becomes about ten times slower; matrix multiplications do not suffer from this (see "Measured
-facts" in DESIGN.md). This module therefore offers two implementations of the same layers:
+by `vmap` or `lax.map`. On XLA:CPU a convolution *gradient* inside such a loop leaves the fast
+convolution path: autodiff of `lax.conv_general_dilated` emits convolutions with permuted
+dimension numbers, which XLA:CPU runs fast at the top level of a program but 5-150x slower
+inside a loop body; under `vmap`, per-client kernels also turn into grouped convolutions.
+Max-pooling's gradient (select-and-scatter) is slow on XLA:CPU everywhere. This module offers
+three implementations of the same layers (same parameters, same results up to float32
+rounding; gradients of `fwdconv` are bit-identical to `xla`'s):
 
-* ``'xla'``: `lax.conv_general_dilated` and `lax.reduce_window` (what `flax.linen.Conv` and
-  `flax.linen.max_pool` use). Best on GPU/TPU, and for a single jitted step on CPU.
+* ``'xla'``: `lax.conv_general_dilated` and `lax.reduce_window` with autodiff gradients (what
+  `flax.linen.Conv` and `flax.linen.max_pool` do). Best on GPU/TPU.
+* ``'fwdconv'``: the forward pass as ``'xla'``, and a custom VJP that writes both convolution
+  gradients as *forward* convolutions in canonical NHWC/HWIO form (explicit transposes, a
+  flipped kernel), which XLA:CPU keeps on its fast path inside `lax.scan`/`lax.map`; pooling
+  gradients by selects and pads instead of select-and-scatter. Fastest on CPU for a Python loop
+  of jitted steps and for clients under `lax.map` (but not under `vmap`: grouped convolutions).
 * ``'matmul'``: the convolution as im2col -- the ``kh * kw`` shifted (strided) slices of the
-  padded input concatenated along the channel axis -- followed by one matrix multiplication with
-  the reshaped kernel; max-pooling as an elementwise maximum over shifted slices (or a
-  reshape-and-max for non-overlapping windows). Forward and backward are then slices, pads,
-  elementwise ops and dots only, all of which XLA:CPU compiles well inside loops and under
-  `vmap` (a per-client kernel becomes a batched matmul).
+  padded input concatenated along channels -- and one matrix multiplication with the reshaped
+  kernel; pooling as for ``'fwdconv'``. Only slices, pads, elementwise ops and dots: per-client
+  kernels under `vmap` become batched matmuls, the fastest choice when clients are vmapped on
+  CPU, but slower than ``'fwdconv'`` otherwise (the im2col buffer is kh*kw times the input).
 
-``'auto'`` picks ``'matmul'`` on the CPU backend and ``'xla'`` elsewhere. Both implementations
-share parameters (names, shapes, initialisers) with `flax.linen.Conv`, so a checkpoint or a mask
-made with one runs with the other; `scripts/bench_conv.py` holds the measurements behind the
-choice.
+``'auto'`` picks ``'fwdconv'`` on the CPU backend and ``'xla'`` elsewhere.
+`scripts/bench_conv.py` holds the measurements behind these choices.
 """
 
 from collections.abc import Sequence
+import functools
 import math
 from typing import Any
 
@@ -39,19 +45,20 @@ __all__ = [
     'resolve_impl',
 ]
 
-# Public names of the implementations; 'auto' resolves to one of the other two.
-IMPLS = ('auto', 'xla', 'matmul')
+# Public names of the implementations; 'auto' resolves to 'fwdconv' (CPU) or 'xla' (GPU/TPU).
+IMPLS = ('auto', 'xla', 'matmul', 'fwdconv')
 
 PaddingLike = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
 
 def resolve_impl(impl: str) -> str:
-  """Returns the concrete implementation (``'xla'`` or ``'matmul'``) for ``impl``.
+  """Returns the concrete implementation (``'xla'``, ``'matmul'`` or ``'fwdconv'``) for ``impl``.
 
   Args:
-    impl: one of `IMPLS`. ``'auto'`` means ``'matmul'`` when JAX's default backend is the CPU
-      and ``'xla'`` otherwise: the im2col formulation only pays off where convolution gradients
-      inside loops are slow, and GPU/TPU convolution kernels are faster than im2col.
+    impl: one of `IMPLS`. ``'auto'`` means ``'fwdconv'`` when JAX's default backend is the CPU
+      and ``'xla'`` otherwise: the rewritten gradients only pay off where XLA:CPU's
+      convolution gradients and select-and-scatter are slow; on GPU/TPU plain autodiff of
+      `lax.conv_general_dilated` is what the vendor libraries are tuned for.
 
   Raises:
     ValueError: if ``impl`` is not one of `IMPLS`.
@@ -59,7 +66,7 @@ def resolve_impl(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f'Unknown conv/pool impl {impl!r}; expected one of {IMPLS}.')
   if impl == 'auto':
-    return 'matmul' if jax.default_backend() == 'cpu' else 'xla'
+    return 'fwdconv' if jax.default_backend() == 'cpu' else 'xla'
   return impl
 
 
@@ -144,10 +151,58 @@ def _conv_im2col(x, kernel, strides, pads):
   return lax.dot_general(patches, kernel.reshape(kh * kw * cin, cout), (((3,), (0,)), ((), ())))
 
 
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
 def _conv_xla(x, kernel, strides, pads):
-  return lax.conv_general_dilated(
-      x, kernel, window_strides=strides, padding=pads,
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_fwdconv(x, kernel, strides, pads):
+  return _conv_xla(x, kernel, strides, pads)
+
+
+def _conv_fwdconv_fwd(x, kernel, strides, pads):
+  return _conv_xla(x, kernel, strides, pads), (x, kernel)
+
+
+def _conv_fwdconv_bwd(strides, pads, residuals, g):
+  """Both gradients as *forward* convolutions in canonical NHWC/HWIO form.
+
+  Autodiff of `lax.conv_general_dilated` emits convolutions with permuted dimension numbers
+  (batch and feature swapped for the kernel gradient). XLA:CPU runs those on its fast path only
+  outside loops: inside `lax.scan` the kernel gradient of MNISTNet's second conv is ~20x slower
+  and Conv4's ~150x (scripts/bench_conv.py --layers). The same maths with explicit transposes
+  and a flipped kernel is a plain NHWC/HWIO convolution, which stays fast inside loops.
+  """
+  x, kernel = residuals
+  (kh, kw, _, _), (sh, sw) = kernel.shape, strides
+  (_, h, w, _), (_, oh, ow, _) = x.shape, g.shape
+  (lo_h, hi_h), (lo_w, hi_w) = pads
+  hp, wp = h + lo_h + hi_h, w + lo_w + hi_w  # padded input size
+
+  # dW[i, j, c, o] = sum_{b, p, q} xpad[b, s*p + i, s*q + j, c] * g[b, p, q, o]: a convolution
+  # whose batch is c, whose input features are b and whose (dilated) kernel is g.
+  dw = lax.conv_general_dilated(
+      x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1), pads, rhs_dilation=strides,
+      dimension_numbers=_NHWC)
+  # With strides, trailing rows/columns the forward never reached make the result too long.
+  dw = dw[:, :kh, :kw, :].transpose(1, 2, 0, 3)
+
+  # dx = correlation of the (stride-dilated) g, zero-padded by k - 1, with the spatially flipped
+  # kernel whose in/out features are swapped; computed over the padded input, then cropped.
+  flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+  extra_h = hp - sh * (oh - 1) - 1  # >= kh - 1: rows of xpad after the last window start
+  extra_w = wp - sw * (ow - 1) - 1
+  dxp = lax.conv_general_dilated(
+      g, flipped, (1, 1), ((kh - 1, extra_h), (kw - 1, extra_w)), lhs_dilation=strides,
+      dimension_numbers=_NHWC)
+  dx = dxp[:, lo_h:lo_h + h, lo_w:lo_w + w, :]
+  return dx, dw
+
+
+_conv_fwdconv.defvjp(_conv_fwdconv_fwd, _conv_fwdconv_bwd)
 
 
 def conv2d(
@@ -165,7 +220,7 @@ def conv2d(
     strides: an int or a pair.
     padding: ``'SAME'``, ``'VALID'``, an int, a pair of ints (per spatial axis) or a pair of
       ``(low, high)`` pairs.
-    impl: one of `IMPLS`.
+    impl: one of `IMPLS`; changes speed only (results agree to float32 rounding).
 
   Returns:
     ``[batch, out_height, out_width, cout]``.
@@ -176,9 +231,125 @@ def conv2d(
     raise ValueError(f'Input has {x.shape[-1]} channels but the kernel expects {kernel.shape[2]}.')
   strides = _pair(strides, 'strides')
   pads = _explicit_padding(padding, x.shape[1:3], kernel.shape[:2], strides)
-  if resolve_impl(impl) == 'xla':
+  impl = resolve_impl(impl)
+  if impl == 'xla':
     return _conv_xla(x, kernel, strides, pads)
+  if impl == 'fwdconv':
+    return _conv_fwdconv(x, kernel, strides, pads)
   return _conv_im2col(x, kernel, strides, pads)
+
+
+def _first_equal(candidates: list[jax.Array], target: jax.Array) -> jax.Array:
+  """Index of the first candidate equal to ``target`` (one of them is, by construction)."""
+  idx = jnp.full(target.shape, len(candidates) - 1, jnp.int8)
+  for n in range(len(candidates) - 2, -1, -1):
+    idx = jnp.where(candidates[n] == target, jnp.int8(n), idx)
+  return idx
+
+
+def _reduce_window_max(x, window, strides):
+  # The forward value comes from reduce_window: fast, and -- unlike an elementwise formulation
+  # -- never fused into its consumer. That matters: the next layer's im2col reads every pooled
+  # element kh*kw times, and XLA would recompute a fused elementwise pool once per read.
+  return lax.reduce_window(x, -jnp.inf, lax.max, (1,) + window + (1,), (1,) + strides + (1,),
+                           'VALID')
+
+
+def _scatter_back(g: jax.Array, idx: jax.Array, k: int, axis: int, step: int,
+                  size: int) -> jax.Array:
+  """Transpose of "candidate n = slice at offset n * step along ``axis``": a masked pad-sum.
+
+  Args:
+    g: gradient of the pass output, ``[b, rows, cols]``.
+    idx: which candidate won, same shape as ``g``.
+    k: number of candidates.
+    axis: the sliced axis, 1 (rows) or 2 (flattened columns-and-channels).
+    step: offset between candidates along ``axis`` (1 for rows, c for flat columns).
+    size: length of the pass input along ``axis``.
+  Returns:
+    The gradient of the pass input.
+  """
+  total = None
+  for n in range(k):
+    lo = n * step
+    pads = [(0, 0, 0), (0, 0, 0), (0, 0, 0)]
+    pads[axis] = (lo, size - lo - g.shape[axis], 0)
+    part = lax.pad(jnp.where(idx == n, g, jnp.zeros_like(g)), jnp.array(0, g.dtype), pads)
+    total = part if total is None else total + part
+  return total
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _separable_max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+  return _reduce_window_max(x, window, (1, 1))
+
+
+def _separable_max_pool_fwd(x, window):
+  out = _reduce_window_max(x, window, (1, 1))
+  return out, (x, out)
+
+
+def _separable_max_pool_bwd(window, residuals, g):
+  """Stride-1 max-pool backward in two passes, along H and then along W.
+
+  A k x k maximum is the maximum over k rows of the per-row maxima over k columns. The per-row
+  maxima ``cols`` come from a (materialised) reduce_window, so each pass only compares stored
+  values: the winner row is the first whose ``cols`` equals the output, the winner column the
+  first whose input equals ``cols``. Columns-within-row, then rows, makes the winner the first
+  maximum in row-major window order -- the element select-and-scatter (the `xla` gradient)
+  picks, ties included. Autodiff of a `jnp.maximum` chain instead gives an expression that XLA
+  fuses with the forward recomputed once per window tap, several times slower.
+
+  The (w, c) axes are flattened so that a column shift is a contiguous slice of the minor axis
+  (offset j * c), which XLA:CPU vectorises well.
+  """
+  x, out = residuals
+  (kh, kw), (b, h, w, c), (_, oh, ow, _) = window, x.shape, out.shape
+  cols = _reduce_window_max(x, (1, kw), (1, 1)).reshape(b, h, ow * c)
+  out, x = out.reshape(b, oh, ow * c), x.reshape(b, h, w * c)
+  idx_h = _first_equal([cols[:, i:i + oh, :] for i in range(kh)], out)
+  g_cols = _scatter_back(g.reshape(b, oh, ow * c), idx_h, kh, 1, 1, h)
+  idx_w = _first_equal([x[:, :, j * c:(j + ow) * c] for j in range(kw)], cols)
+  return (_scatter_back(g_cols, idx_w, kw, 2, c, w * c).reshape(b, h, w, c),)
+
+
+_separable_max_pool.defvjp(_separable_max_pool_fwd, _separable_max_pool_bwd)
+
+
+def _block_candidates(x, window):
+  """The kh * kw members of each non-overlapping window, row-major, each [b, oh, ow, c]."""
+  (kh, kw), (b, h, w, c) = window, x.shape
+  oh, ow = h // kh, w // kw
+  # Crop to whole windows (floor mode, as VALID pooling) and split each spatial axis into
+  # (blocks, window): the members are then plain strided views, no slicing arithmetic.
+  xr = x[:, :oh * kh, :ow * kw, :].reshape(b, oh, kh, ow, kw, c)
+  return [xr[:, :, i, :, j, :] for i in range(kh) for j in range(kw)]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _block_max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+  return _reduce_window_max(x, window, window)
+
+
+def _block_max_pool_fwd(x, window):
+  out = _reduce_window_max(x, window, window)
+  return out, (x, out)
+
+
+def _block_max_pool_bwd(window, residuals, g):
+  # Each input element belongs to exactly one window, so the backward is a select per window
+  # member and the inverse reshape: no scatter. The winner is the first member (row-major) equal
+  # to the output, the element select-and-scatter picks, ties included.
+  x, out = residuals
+  (kh, kw), (b, h, w, c), (_, oh, ow, _) = window, x.shape, g.shape
+  idx = _first_equal(_block_candidates(x, window), out)
+  parts = [jnp.where(idx == n, g, jnp.zeros_like(g)) for n in range(kh * kw)]
+  gx = jnp.stack(parts, axis=3).reshape(b, oh, ow, kh, kw, c)
+  gx = gx.transpose(0, 1, 3, 2, 4, 5).reshape(b, oh * kh, ow * kw, c)
+  return (jnp.pad(gx, ((0, 0), (0, h - oh * kh), (0, w - ow * kw), (0, 0))),)
+
+
+_block_max_pool.defvjp(_block_max_pool_fwd, _block_max_pool_bwd)
 
 
 def max_pool(
@@ -190,15 +361,18 @@ def max_pool(
 ) -> jax.Array:
   """Max-pooling over the two spatial axes of an NHWC input (as `flax.linen.max_pool`).
 
-  ``impl='xla'`` uses `lax.reduce_window`, whose gradient is a select-and-scatter.
-  ``impl='matmul'`` (the loop-friendly formulation that goes with the matmul convolution) uses a
-  reshape-and-max for non-overlapping windows (``window == strides``, e.g. 2x2 stride 2) and an
-  elementwise maximum over the shifted slices otherwise (e.g. 3x3 stride 1).
+  ``impl='xla'`` uses `lax.reduce_window`; its gradient is a select-and-scatter, which XLA:CPU
+  runs slowly (for a 2x2/2 pool of Conv4 about 9x the reshape formulation below).
+  ``impl='matmul'`` and ``impl='fwdconv'`` (the loop-friendly formulation) use
 
-  The two differ only in how a gradient is shared among *tied* maxima: select-and-scatter gives
-  it all to one element, `jnp.maximum`/`jnp.max` split it evenly. Both are valid subgradients
-  and give the same total; in these models ties come from identical receptive fields (e.g. blank
-  image background), whose parameter gradients are identical, so parameter gradients agree.
+  * non-overlapping windows (``window == strides``, e.g. 2x2 stride 2): crop to whole windows,
+    reshape, maximum over the window members;
+  * stride 1 (e.g. 3x3 stride 1): a separable two-pass maximum (along W, then along H);
+  * anything else: `lax.reduce_window`, as ``'xla'``.
+
+  Both formulations have a hand-written backward made of selects, pads and reshapes only, which
+  routes the gradient to the same element as select-and-scatter -- the first maximum in
+  row-major window order, ties included -- so both impls give identical gradients.
 
   Args:
     x: input ``[batch, height, width, channels]``.
@@ -215,21 +389,16 @@ def max_pool(
   window = _pair(window, 'window')
   strides = window if strides is None else _pair(strides, 'strides')
   pads = _explicit_padding(padding, x.shape[1:3], window, strides)
-  if resolve_impl(impl) == 'xla':
+  padded_size = tuple(n + lo + hi for n, (lo, hi) in zip(x.shape[1:3], pads))
+  if any(n < k for n, k in zip(padded_size, window)):
+    raise ValueError(f'Window {window} does not fit the (padded) input of size {padded_size}.')
+  impl = resolve_impl(impl)
+  if impl == 'xla' or (window != strides and strides != (1, 1)):
     return nn.max_pool(x, window, strides, padding=pads)
   x = _pad_spatial(x, pads, value=-jnp.inf)
   if window == strides:
-    # Non-overlapping windows: crop to whole windows (floor mode, as VALID pooling does), split
-    # each spatial axis into (blocks, window) and reduce. One fused reduction, no slices.
-    (kh, kw), (b, h, w, c) = window, x.shape
-    oh, ow = h // kh, w // kw
-    x = x[:, :oh * kh, :ow * kw, :].reshape(b, oh, kh, ow, kw, c)
-    return jnp.max(x, axis=(2, 4))
-  slices, _ = _shifted_slices(x, window, strides)
-  out = slices[0]
-  for s in slices[1:]:
-    out = jnp.maximum(out, s)
-  return out
+    return _block_max_pool(x, window)
+  return _separable_max_pool(x, window)
 
 
 class Conv(nn.Module):
@@ -250,6 +419,7 @@ class Conv(nn.Module):
     bias_init: initialiser of the bias.
 
   Example:
+    >>> import jax.numpy as jnp
     >>> conv = Conv(8, (3, 3), impl='matmul')
     >>> params = conv.init(jax.random.key(0), jnp.zeros((1, 5, 5, 2)))['params']
     >>> params['kernel'].shape
