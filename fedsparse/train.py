@@ -121,7 +121,9 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     raise ValueError(
         f'clients_per_round ({config.clients_per_round}) exceeds the {fed_data.num_clients} '
         f'clients left after dropping {info.dropped_clients} empty ones.')
-  model = models.get_model(config.model, dataset.num_classes, conv_impl=config.conv_impl)
+  mapping = engine.ClientMapping(config.strategy, chunk_size=config.chunk_size)
+  conv_impl = models.resolve_impl(config.conv_impl, batched_clients=mapping.batches_clients)
+  model = models.get_model(config.model, dataset.num_classes, conv_impl=conv_impl)
   init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
   dummy = jnp.zeros((1,) + tuple(fed_data.input_shape), jnp.float32)
   params = jax.jit(model.init)(init_key, dummy)['params']

@@ -140,7 +140,7 @@ def bench_setting(model_name: str, cohort: int, peak: float, rows: list[dict[str
   dataset = synthetic_mnist()
   fd, _ = data_lib.make_federated_data(dataset, 100, 'iid', seed=0)
   local = engine.LocalConfig(batch_size=_BATCH.value, local_steps=_LOCAL_STEPS.value)
-  model = models.get_model(model_name, 10, conv_impl='auto')
+  model = models.get_model(model_name, 10, conv_impl=models.resolve_impl('auto'))
   model_xla = models.get_model(model_name, 10, conv_impl='xla')
   params = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1), jnp.float32))['params']
   flops = step_flops(model_xla.apply, params, _BATCH.value) * cohort * _LOCAL_STEPS.value
@@ -165,17 +165,20 @@ def bench_setting(model_name: str, cohort: int, peak: float, rows: list[dict[str
   first, t, times = median_seconds(base, _REPEATS.value)
   record('baseline: python loop', first - t if times else float('nan'), t, times)
   baseline_s = t
-  if models.layers.resolve_impl('auto') != 'xla':
+  if model_name != 'mlp' and models.resolve_impl('auto') != 'xla':
     # For transparency: the same loop on fedsparse's CPU conv formulation (not the baseline).
     loop = baseline_round(model, params, fd, dataset.x_train, dataset.y_train, clients,
                           schedules, 0.05)
     first, t, times = median_seconds(loop, _REPEATS.value)
-    record(f'python loop, {models.layers.resolve_impl("auto")} conv', first - t if times
+    record(f'python loop, {models.resolve_impl("auto")}', first - t if times
            else float('nan'), t, times)
     rows[-1]['speedup'] = baseline_s / t
 
   for strategy in _STRATEGIES.value:
     mapping = engine.ClientMapping(strategy, chunk_size=_CHUNK.value)
+    # The conv formulation `auto` resolves to for this strategy (as the run loop does).
+    impl = models.resolve_impl('auto', batched_clients=mapping.batches_clients)
+    model = models.get_model(model_name, 10, conv_impl=impl)
     alg = algorithms.fedavg(model.apply, cohort=engine.CohortConfig(cohort), local=local,
                             learning_rate=0.05, mapping=mapping)
     state = alg.init(key, params)
@@ -184,6 +187,7 @@ def bench_setting(model_name: str, cohort: int, peak: float, rows: list[dict[str
     compile_s = time.perf_counter() - t0
     _, t, times = median_seconds(lambda: compiled(state, fd, key), _REPEATS.value)
     label = strategy if strategy != 'sharded' else f'sharded ({jax.device_count()} dev)'
+    label += f', {impl}' if model_name != 'mlp' else ''
     record(label, compile_s, t, times)
     rows[-1]['speedup'] = baseline_s / t
     print(f'{"":38s}→ {baseline_s / t:.2f}× the baseline', flush=True)

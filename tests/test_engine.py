@@ -41,6 +41,11 @@ def test_auto_strategy_depends_on_backend():
   assert engine.default_strategy('gpu') == 'vmap'
   assert engine.default_strategy('tpu') == 'vmap'
   assert engine.ClientMapping('auto').resolved() == engine.default_strategy()
+  assert engine.ClientMapping('vmap').batches_clients
+  assert engine.ClientMapping('chunked').batches_clients
+  assert not engine.ClientMapping('sequential').batches_clients
+  assert engine.ClientMapping('sharded', inner='vmap').batches_clients
+  assert not engine.ClientMapping('sharded', inner='sequential').batches_clients
 
 
 # ---------------------------------------------------------------- schedules

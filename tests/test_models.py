@@ -66,8 +66,10 @@ class TestRegistry:
 
   def test_resolve_impl(self):
     assert layers.resolve_impl('xla') == 'xla'
-    auto = layers.resolve_impl('auto')
-    assert auto == ('fwdconv' if jax.default_backend() == 'cpu' else 'xla')
+    on_cpu = jax.default_backend() == 'cpu'
+    assert layers.resolve_impl('auto') == ('fwdconv' if on_cpu else 'xla')
+    assert layers.resolve_impl('auto', batched_clients=True) == ('matmul' if on_cpu else 'xla')
+    assert layers.resolve_impl('matmul', batched_clients=False) == 'matmul'
     with pytest.raises(ValueError, match='impl'):
       layers.resolve_impl('fast')
 

@@ -13,7 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset = 'digits'             # digits | mnist | fashion_mnist | emnist | cifar10 | cifar100 | npz:PATH
   c.data_dir = ''                  # TFDS data_dir ('' = TFDS default)
   c.model = 'mlp'
-  c.conv_impl = 'auto'             # auto | xla | matmul (auto: matmul path on CPU)
+  c.conv_impl = 'auto'             # auto | xla | fwdconv | matmul (auto: fwdconv on CPU, xla elsewhere)
   c.partition = 'dirichlet_balanced'  # iid | dirichlet_balanced | dirichlet | classes | shards
   c.dirichlet_alpha = 0.3
   c.classes_per_client = 2

@@ -39,11 +39,12 @@ _LOCAL_STRATEGIES = ('vmap', 'chunked', 'sequential')
 def default_strategy(backend: str | None = None) -> str:
   """The strategy ``auto`` resolves to on ``backend`` (default: JAX's default backend).
 
-  On GPU/TPU one wide ``vmap`` keeps the accelerator busy. On XLA:CPU, with convolutions written
-  on the matmul path (``fedsparse.models.layers``), running clients one after another inside the
-  jit is the fastest: each client's matmuls are already large enough to use every core, and
-  ``vmap`` turns per-client kernels into batched matmuls that XLA:CPU runs less efficiently
-  (numbers in the README's benchmark table, ``scripts/bench_round.py``).
+  On GPU/TPU one wide ``vmap`` keeps the accelerator busy. On XLA:CPU the conv nets run with
+  ``conv_impl='fwdconv'`` (``fedsparse.models.layers``), whose gradients stay on XLA:CPU's fast
+  convolution path inside loops but not under ``vmap`` (per-client kernels become grouped
+  convolutions); running clients one after another inside the jit is then the fastest, and each
+  client's convolutions are already large enough to use every core (numbers in the README's
+  benchmark table, ``scripts/bench_round.py``).
   """
   backend = backend or jax.default_backend()
   return 'sequential' if backend == 'cpu' else 'vmap'
@@ -77,6 +78,14 @@ class ClientMapping:
   def resolved(self) -> str:
     """The concrete strategy name (``auto`` replaced by the backend's default)."""
     return default_strategy() if self.strategy == 'auto' else self.strategy
+
+  @property
+  def batches_clients(self) -> bool:
+    """Whether clients run under ``vmap`` (decides the CPU conv formulation, see models)."""
+    strategy = self.resolved()
+    if strategy == 'sharded':
+      strategy = default_strategy() if self.inner == 'auto' else self.inner
+    return strategy in ('vmap', 'chunked')
 
 
 def _map_local(strategy: str, fn: Callable[..., Any], shared: Any, xs: tuple[Any, ...],

@@ -51,14 +51,17 @@ IMPLS = ('auto', 'xla', 'matmul', 'fwdconv')
 PaddingLike = str | int | Sequence[int] | Sequence[tuple[int, int]]
 
 
-def resolve_impl(impl: str) -> str:
+def resolve_impl(impl: str, *, batched_clients: bool = False) -> str:
   """Returns the concrete implementation (``'xla'``, ``'matmul'`` or ``'fwdconv'``) for ``impl``.
 
   Args:
-    impl: one of `IMPLS`. ``'auto'`` means ``'fwdconv'`` when JAX's default backend is the CPU
-      and ``'xla'`` otherwise: the rewritten gradients only pay off where XLA:CPU's
-      convolution gradients and select-and-scatter are slow; on GPU/TPU plain autodiff of
-      `lax.conv_general_dilated` is what the vendor libraries are tuned for.
+    impl: one of `IMPLS`. On GPU/TPU ``'auto'`` means ``'xla'``: plain autodiff of
+      `lax.conv_general_dilated` is what the vendor libraries are tuned for. On the CPU it means
+      ``'fwdconv'`` when clients run one after another (its gradients stay on XLA:CPU's fast
+      convolution path inside loops), and ``'matmul'`` when clients are vmapped (per-client
+      kernels become batched matmuls rather than slow grouped convolutions).
+    batched_clients: whether the model will run under a ``vmap`` over clients (the engine's
+      ``ClientMapping.batches_clients``).
 
   Raises:
     ValueError: if ``impl`` is not one of `IMPLS`.
@@ -66,7 +69,9 @@ def resolve_impl(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f'Unknown conv/pool impl {impl!r}; expected one of {IMPLS}.')
   if impl == 'auto':
-    return 'fwdconv' if jax.default_backend() == 'cpu' else 'xla'
+    if jax.default_backend() != 'cpu':
+      return 'xla'
+    return 'matmul' if batched_clients else 'fwdconv'
   return impl
 
 
