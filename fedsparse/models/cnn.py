@@ -18,66 +18,65 @@ import jax
 
 from fedsparse.models import layers
 
-__all__ = ['MNISTNet', 'CIFAR10Net', 'ConvStack', 'Conv4', 'Conv6', 'Conv10']
+__all__ = ['FedDSTNet', 'MNISTNet', 'CIFAR10Net', 'ConvStack', 'Conv4', 'Conv6', 'Conv10']
 
 
 def _flatten(x: jax.Array) -> jax.Array:
   return x.reshape((x.shape[0], -1))
 
 
-class MNISTNet(nn.Module):
-  """FedDST's MNIST CNN: 261,840 parameters at 28x28x1 with 10 classes.
+class FedDSTNet(nn.Module):
+  """FedDST's CNN family: 5x5 VALID convs, each with a 3x3 stride-1 max-pool and relu, then MLP.
 
-  ``conv 1->10 k5 VALID, maxpool 3 stride 1, relu, conv 10->20 k5 VALID, maxpool 3 stride 1,
-  relu, flatten (5120), fc 50, relu, fc classes``. The official code pools before the relu;
-  the two commute (both are monotone), and pooling first applies the relu to fewer elements.
+  Per conv width: ``conv kxk VALID, maxpool 3 stride 1, relu``; then flatten, a relu dense layer
+  per hidden width, and the classifier. The official code pools before the relu; the two commute
+  (both are monotone), and pooling first applies the relu to fewer elements.
 
   Attributes:
     num_classes: number of output logits.
+    conv_features: output channels of each conv.
+    dense_features: widths of the hidden dense layers.
     conv_impl: implementation of convolutions and pooling, one of `layers.IMPLS`.
   """
 
   num_classes: int = 10
+  conv_features: Sequence[int] = (10, 20)
+  dense_features: Sequence[int] = (50,)
   conv_impl: str = 'auto'
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     """Returns float32 logits ``[batch, num_classes]`` for a normalised NHWC ``x``."""
     del train  # Deterministic model.
-    impl = self.conv_impl
-    for features in (10, 20):
-      x = layers.Conv(features, (5, 5), padding='VALID', impl=impl)(x)
-      x = nn.relu(layers.max_pool(x, 3, strides=1, impl=impl))
-    x = nn.relu(nn.Dense(50)(_flatten(x)))
-    return nn.Dense(self.num_classes)(x)
-
-
-class CIFAR10Net(nn.Module):
-  """FedDST's CIFAR-10 CNN: 782,006 parameters at 32x32x3 with 10 classes.
-
-  ``conv 3->6 k5 VALID, maxpool 3 stride 1, relu, conv 6->16 k5 VALID, maxpool 3 stride 1,
-  relu, flatten (6400), fc 120, relu, fc 84, relu, fc classes``.
-
-  Attributes:
-    num_classes: number of output logits.
-    conv_impl: implementation of convolutions and pooling, one of `layers.IMPLS`.
-  """
-
-  num_classes: int = 10
-  conv_impl: str = 'auto'
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    """Returns float32 logits ``[batch, num_classes]`` for a normalised NHWC ``x``."""
-    del train  # Deterministic model.
-    impl = self.conv_impl
-    for features in (6, 16):
-      x = layers.Conv(features, (5, 5), padding='VALID', impl=impl)(x)
-      x = nn.relu(layers.max_pool(x, 3, strides=1, impl=impl))
+    for features in self.conv_features:
+      x = layers.Conv(features, (5, 5), padding='VALID', impl=self.conv_impl)(x)
+      x = nn.relu(layers.max_pool(x, 3, strides=1, impl=self.conv_impl))
     x = _flatten(x)
-    for width in (120, 84):
+    for width in self.dense_features:
       x = nn.relu(nn.Dense(width)(x))
     return nn.Dense(self.num_classes)(x)
+
+
+class MNISTNet(FedDSTNet):
+  """FedDST's MNIST CNN: 261,840 parameters at 28x28x1 with 10 classes.
+
+  ``conv 1->10, conv 10->20 (each k5 VALID, maxpool 3 stride 1, relu), flatten (5120), fc 50,
+  relu, fc classes``.
+  """
+
+  conv_features: Sequence[int] = (10, 20)
+  dense_features: Sequence[int] = (50,)
+
+
+class CIFAR10Net(FedDSTNet):
+  """FedDST's CIFAR-10 CNN: 782,006 parameters at 32x32x3 with 10 classes.
+
+  ``conv 3->6, conv 6->16 (each k5 VALID, maxpool 3 stride 1, relu), flatten (6400), fc 120,
+  relu, fc 84, relu, fc classes``.
+  """
+
+  conv_features: Sequence[int] = (6, 16)
+  dense_features: Sequence[int] = (120, 84)
 
 
 class ConvStack(nn.Module):
