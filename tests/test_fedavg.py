@@ -9,7 +9,9 @@ import pytest
 
 from fedsparse import algorithms
 from fedsparse import comm
+from fedsparse import data as data_lib
 from fedsparse import engine
+from fedsparse import models
 from fedsparse.data import normalize
 from tests.toy import STRATEGY_MAPPINGS, tiny_federated
 
@@ -166,3 +168,26 @@ def test_bad_hyperparameters_fail_fast():
     algorithms.fedavgm(linear_apply, learning_rate=0.1, server_momentum=1.0, **kwargs)
   with pytest.raises(ValueError, match='clients_per_round'):
     engine.CohortConfig(0)
+
+
+def test_strategies_agree_on_a_conv_net():
+  # On CPU `auto` picks a different conv formulation per strategy (fwdconv for sequential
+  # clients, im2col under vmap): the rounds must still agree to float32 rounding.
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (80, 16, 16, 1), dtype=np.uint8)
+  y = rng.integers(0, 3, 80).astype(np.int32)
+  ds = data_lib.Dataset('toy16', x[:60], y[:60], x[60:], y[60:], 3, 255.0, (0.5,), (0.3,))
+  fd, _ = data_lib.make_federated_data(ds, 6, 'iid', seed=0)
+  results = []
+  for mapping in STRATEGY_MAPPINGS:
+    impl = models.resolve_impl('auto', batched_clients=mapping.batches_clients)
+    model = models.FedDSTNet(num_classes=3, conv_features=(2, 3), dense_features=(8,),
+                             conv_impl=impl)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1), jnp.float32))['params']
+    alg = algorithms.fedavg(model.apply, cohort=engine.CohortConfig(4),
+                            local=engine.LocalConfig(batch_size=4, local_steps=3),
+                            learning_rate=0.1, mapping=mapping)
+    state, _ = jax.jit(alg.round)(alg.init(jax.random.key(0), params), fd, jax.random.key(1))
+    results.append(state.params)
+  for params in results[1:]:
+    chex.assert_trees_all_close(params, results[0], rtol=1e-4, atol=1e-5)

@@ -18,6 +18,7 @@ import flax.linen as nn
 
 from fedsparse.models import layers
 from fedsparse.models.cnn import CIFAR10Net
+from fedsparse.models.cnn import FedDSTNet
 from fedsparse.models.cnn import Conv10
 from fedsparse.models.cnn import Conv4
 from fedsparse.models.cnn import Conv6
@@ -34,6 +35,7 @@ from fedsparse.models.resnet import ResNet18
 
 __all__ = [
     'CIFAR10Net',
+    'FedDSTNet',
     'Conv',
     'Conv10',
     'Conv4',
