@@ -48,6 +48,7 @@ class Experiment:
   data: data_lib.FederatedData
   partition_info: Any
   model: Any
+  mapping: engine.ClientMapping
   params: Any
   algorithm: engine.Algorithm
   evaluate: Any
@@ -90,7 +91,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            f'({config.num_clients}); lower it or set sample_with_replacement=True.')
 
 
-def _build_algorithm(config: ml_collections.ConfigDict, apply_fn: Any) -> engine.Algorithm:
+def _build_algorithm(config: ml_collections.ConfigDict, apply_fn: Any,
+                     mapping: engine.ClientMapping) -> engine.Algorithm:
   common = dict(
       cohort=engine.CohortConfig(clients_per_round=config.clients_per_round,
                                  replace=config.sample_with_replacement,
@@ -99,7 +101,7 @@ def _build_algorithm(config: ml_collections.ConfigDict, apply_fn: Any) -> engine
                                local_steps=config.local_steps, momentum=config.momentum,
                                weight_decay=config.weight_decay, clip_norm=config.clip_norm),
       learning_rate=config.learning_rate, lr_decay=config.lr_decay,
-      mapping=engine.ClientMapping(config.strategy, chunk_size=config.chunk_size))
+      mapping=mapping)
   if config.algorithm == 'fedavg':
     return algorithms.fedavg(apply_fn, server_optimizer=optax.sgd(config.server_learning_rate),
                              **common)
@@ -127,9 +129,9 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
   dummy = jnp.zeros((1,) + tuple(fed_data.input_shape), jnp.float32)
   params = jax.jit(model.init)(init_key, dummy)['params']
-  algorithm = _build_algorithm(config, model.apply)
+  algorithm = _build_algorithm(config, model.apply, mapping)
   evaluate = engine.make_evaluator(model.apply, config.eval_batch_size)
-  return Experiment(config, fed_data, info, model, params, algorithm, evaluate)
+  return Experiment(config, fed_data, info, model, mapping, params, algorithm, evaluate)
 
 
 def _round_key(seed: int, round_index: int) -> jax.Array:
@@ -184,7 +186,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> d
                'model %s with %s params, strategy %s.', config.dataset, info.num_clients,
                info.dropped_clients, f'{info.min_size}/{info.mean_size:.1f}/{info.max_size}',
                config.model, f'{sum(x.size for x in jax.tree.leaves(exp.params)):,}',
-               engine.ClientMapping(config.strategy).resolved())
+               exp.mapping.resolved())
 
   state = exp.algorithm.init(jax.random.key(config.seed), exp.params)
   start_round = 0
