@@ -188,3 +188,32 @@ def test_evaluator_pooled_and_client_accuracy_by_hand():
   per_client = [np.mean(y_test[idx[k, :size[k]]] == 0) for k in range(4)]
   np.testing.assert_allclose(out['client_accuracy_mean'], np.mean(per_client), rtol=1e-6)
   np.testing.assert_allclose(out['test_loss'], np.log(3.0), rtol=1e-5)  # all logits tie
+
+
+def test_compiler_options_per_backend():
+  assert engine.compiler_options('gpu') == {}
+  assert engine.compiler_options('tpu') == {}
+  # This jaxlib accepts the CPU option, so CPU runs compile with it.
+  assert engine.compiler_options('cpu') == dict(engine.CPU_COMPILER_OPTIONS)
+
+
+def test_jit_with_options_matches_plain_jit_on_a_conv_grad():
+  from fedsparse import models  # pylint: disable=g-import-not-at-top
+  model = models.get_model('conv4', 10, conv_impl='fwdconv')
+  x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+  params = model.init(jax.random.key(1), x)['params']
+  grad = lambda p: jax.grad(lambda p: jnp.sum(model.apply({'params': p}, x) ** 2))(p)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               engine.jit(grad)(params), jax.jit(grad)(params))
+
+
+def test_rejected_compiler_options_fall_back_to_defaults(monkeypatch):
+  from fedsparse.engine import compilation  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(compilation, 'CPU_COMPILER_OPTIONS',
+                      {'xla_cpu_experimental_ynn_fusion_type': 'NOT_A_FUSION_TYPE'})
+  assert compilation.compiler_options('cpu') == {}
+  assert float(compilation.jit(lambda x: x + 1)(jnp.float32(1))) == 2.0
+  # Explicit options still reach jax.jit (and are validated by XLA as usual).
+  with pytest.raises(Exception, match='not a valid enum value'):
+    compilation.jit(lambda x: x + 1, compiler_options={
+        'xla_cpu_experimental_ynn_fusion_type': 'NOT_A_FUSION_TYPE'})(jnp.float32(1))

@@ -15,7 +15,7 @@ Example::
   >>> alg = fedavg(model.apply, cohort=CohortConfig(10), local=LocalConfig(batch_size=32),
   ...              learning_rate=0.05)
   >>> state = alg.init(jax.random.key(0), params)
-  >>> state, metrics = jax.jit(alg.round)(state, data, jax.random.key(1))
+  >>> state, metrics = fedsparse.engine.jit(alg.round)(state, data, jax.random.key(1))
 """
 
 from typing import Any, Callable, NamedTuple

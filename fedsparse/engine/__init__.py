@@ -1,6 +1,7 @@
 """The federated round engine: client mapping, local training, sampling and aggregation."""
 
 from fedsparse.engine.algorithm import Algorithm
+from fedsparse.engine.compilation import CPU_COMPILER_OPTIONS, compiler_options, jit
 from fedsparse.engine.cohort import (CohortConfig, aggregation_weights, sample_cohort,
                                      weighted_mean)
 from fedsparse.engine.evaluation import make_evaluator
@@ -9,8 +10,8 @@ from fedsparse.engine.local import (Batch, LocalConfig, Schedule, client_optimiz
 from fedsparse.engine.mapping import STRATEGIES, ClientMapping, default_strategy, map_clients
 
 __all__ = [
-    'Algorithm', 'Batch', 'ClientMapping', 'CohortConfig', 'LocalConfig', 'STRATEGIES',
-    'Schedule', 'aggregation_weights', 'client_optimizer', 'cross_entropy', 'default_strategy',
-    'gather_batch', 'make_evaluator', 'make_schedule', 'map_clients', 'run_local',
-    'sample_cohort', 'sgd_step', 'weighted_mean',
+    'Algorithm', 'Batch', 'CPU_COMPILER_OPTIONS', 'ClientMapping', 'CohortConfig', 'LocalConfig',
+    'STRATEGIES', 'Schedule', 'aggregation_weights', 'client_optimizer', 'compiler_options',
+    'cross_entropy', 'default_strategy', 'gather_batch', 'jit', 'make_evaluator',
+    'make_schedule', 'map_clients', 'run_local', 'sample_cohort', 'sgd_step', 'weighted_mean',
 ]

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from fedsparse.data import FederatedData, normalize
+from fedsparse.engine.compilation import jit
 
 __all__ = ['make_evaluator']
 
@@ -31,7 +32,7 @@ def make_evaluator(apply_fn: Callable[..., jax.Array], batch_size: int = 1000
   if batch_size < 1:
     raise ValueError(f'eval batch_size must be positive, got {batch_size}.')
 
-  @jax.jit
+  @jit
   def evaluate(params: Any, data: FederatedData) -> dict[str, jax.Array]:
     n = data.x_test.shape[0]
     bs = min(batch_size, n)
