@@ -10,8 +10,12 @@ Config keys (flat; see ``experiments/configs`` for complete examples): ``algorit
 ``classes_per_client``, ``shards_per_client``, ``num_clients``, ``clients_per_round``,
 ``sample_with_replacement``, ``weighted_aggregation``, ``num_rounds``, ``local_epochs``,
 ``local_steps``, ``batch_size``, ``learning_rate``, ``lr_decay``, ``momentum``,
-``weight_decay``, ``clip_norm``, ``server_learning_rate``, ``server_momentum``, ``strategy``,
-``chunk_size``, ``eval_every``, ``eval_batch_size``, ``checkpoint_every``, ``seed``.
+``weight_decay``, ``clip_norm``, ``lr_schedule``, ``cosine_epochs``, ``cosine_min_lr``,
+``server_optimizer``, ``server_learning_rate``,
+``server_momentum``, ``strategy``, ``chunk_size``, ``eval_every``, ``eval_batch_size``,
+``checkpoint_every``, ``seed``; for ``ssfl`` also ``density``, ``mask``, ``ties``,
+``saliency_score``, ``saliency_batches``, ``saliency_weighting``, ``layerwise_allocation``,
+``mask_enforcement``, ``warmup_rounds``.
 """
 
 import dataclasses
@@ -32,9 +36,16 @@ import optax
 from fedsparse import algorithms
 from fedsparse import data as data_lib
 from fedsparse import engine
+from fedsparse import masks
 from fedsparse import models
 
 __all__ = ['Experiment', 'build_experiment', 'run', 'validate_config']
+
+# Server optimizer: 'auto' = what the algorithm's paper uses (FedAvgM: momentum; else SGD).
+SERVER_OPTIMIZERS = ('auto', 'sgd', 'momentum')
+# Per-client metrics; scalar metrics other than these go into metrics.jsonl as they are.
+_VECTOR_METRICS = ('client_loss', 'clients', 'bits_up', 'bits_down', 'bits_up_all',
+                   'bits_down_all')
 
 METRICS_FILE = 'metrics.jsonl'
 CONFIG_FILE = 'config.json'
@@ -86,6 +97,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(config[key] >= 0, f'{key} must be >= 0, got {config[key]}.')
   _require(config.dirichlet_alpha > 0,
            f'dirichlet_alpha must be > 0, got {config.dirichlet_alpha}.')
+  _require(config.lr_schedule in engine.LR_SCHEDULES,
+           f'Unknown lr_schedule {config.lr_schedule!r}; valid: {", ".join(engine.LR_SCHEDULES)}.')
+  _require(config.server_optimizer in SERVER_OPTIMIZERS,
+           f'Unknown server_optimizer {config.server_optimizer!r}; valid: '
+           f'{", ".join(SERVER_OPTIMIZERS)}.')
+  if config.algorithm == 'ssfl':
+    _require(0 < config.density <= 1, f'density must be in (0, 1], got {config.density}.')
+    for key, valid in (('mask', algorithms.SSFL_MASKS), ('ties', masks.TIES),
+                       ('saliency_score', algorithms.SALIENCY_SCORES),
+                       ('saliency_weighting', algorithms.SALIENCY_WEIGHTINGS),
+                       ('layerwise_allocation', masks.ALLOCATIONS),
+                       ('mask_enforcement', engine.ENFORCEMENTS)):
+      _require(config[key] in valid,
+               f'Unknown {key} {config[key]!r}; valid: {", ".join(valid)}.')
+    _require(isinstance(config.saliency_batches, int) and config.saliency_batches > 0,
+             f'saliency_batches must be a positive integer, got {config.saliency_batches!r}.')
+    _require(isinstance(config.warmup_rounds, int) and 0 <= config.warmup_rounds
+             < config.num_rounds, f'warmup_rounds must be in [0, num_rounds), got '
+             f'{config.warmup_rounds!r}.')
   _require(config.sample_with_replacement or config.clients_per_round <= config.num_clients,
            f'clients_per_round ({config.clients_per_round}) exceeds num_clients '
            f'({config.num_clients}); lower it or set sample_with_replacement=True.')
@@ -99,15 +129,25 @@ def _build_algorithm(config: ml_collections.ConfigDict, apply_fn: Any,
                                  weighted=config.weighted_aggregation),
       local=engine.LocalConfig(batch_size=config.batch_size, local_epochs=config.local_epochs,
                                local_steps=config.local_steps, momentum=config.momentum,
-                               weight_decay=config.weight_decay, clip_norm=config.clip_norm),
+                               weight_decay=config.weight_decay, clip_norm=config.clip_norm,
+                               lr_schedule=config.lr_schedule,
+                               cosine_epochs=config.cosine_epochs,
+                               cosine_min_lr=config.cosine_min_lr),
       learning_rate=config.learning_rate, lr_decay=config.lr_decay,
       mapping=mapping)
-  if config.algorithm == 'fedavg':
-    return algorithms.fedavg(apply_fn, server_optimizer=optax.sgd(config.server_learning_rate),
-                             **common)
-  if config.algorithm == 'fedavgm':
-    return algorithms.fedavgm(apply_fn, server_learning_rate=config.server_learning_rate,
-                              server_momentum=config.server_momentum, **common)
+  momentum = (config.server_optimizer == 'momentum'
+              or (config.server_optimizer == 'auto' and config.algorithm == 'fedavgm'))
+  server_optimizer = optax.sgd(config.server_learning_rate,
+                               momentum=config.server_momentum if momentum else None)
+  if config.algorithm in ('fedavg', 'fedavgm'):
+    return algorithms.fedavg(apply_fn, server_optimizer=server_optimizer, **common)
+  if config.algorithm == 'ssfl':
+    return algorithms.ssfl(
+        apply_fn, server_optimizer=server_optimizer, density=config.density, mask=config.mask,
+        ties=config.ties, score=config.saliency_score, saliency_batches=config.saliency_batches,
+        saliency_weighting=config.saliency_weighting,
+        layerwise_allocation=config.layerwise_allocation, enforce=config.mask_enforcement,
+        warmup_rounds=config.warmup_rounds, **common)
   raise AssertionError(config.algorithm)  # validate_config rejects it first
 
 
@@ -220,13 +260,19 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> d
       metrics = jax.device_get(metrics)
       seconds = time.perf_counter() - t0
       elapsed += seconds
-      up = int(np.sum(metrics['bits_up'], dtype=np.int64))
-      down = int(np.sum(metrics['bits_down'], dtype=np.int64))
+      # Cohort traffic plus any population-wide one-time traffic (e.g. SSFL's scoring round),
+      # summed in int64: per-client counts are int32, totals are not.
+      up = sum(int(np.sum(metrics[k], dtype=np.int64)) for k in ('bits_up', 'bits_up_all')
+               if k in metrics)
+      down = sum(int(np.sum(metrics[k], dtype=np.int64)) for k in ('bits_down', 'bits_down_all')
+                 if k in metrics)
       cum_up += up
       cum_down += down
       row = {'round': t + 1, 'train_loss': float(metrics['train_loss']), 'bits_up': up,
              'bits_down': down, 'cum_bits_up': cum_up, 'cum_bits_down': cum_down,
              'round_seconds': seconds}
+      row.update({k: float(v) for k, v in metrics.items()
+                  if k not in _VECTOR_METRICS and k not in row and np.ndim(v) == 0})
       if t == start_round:
         row['compile_seconds'] = compile_seconds
       if (t + 1) % config.eval_every == 0 or t + 1 == config.num_rounds:

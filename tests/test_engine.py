@@ -217,3 +217,54 @@ def test_rejected_compiler_options_fall_back_to_defaults(monkeypatch):
   with pytest.raises(Exception, match='not a valid enum value'):
     compilation.jit(lambda x: x + 1, compiler_options={
         'xla_cpu_experimental_ynn_fusion_type': 'NOT_A_FUSION_TYPE'})(jnp.float32(1))
+
+
+@pytest.mark.parametrize('mapping', STRATEGY_MAPPINGS + [engine.ClientMapping('chunked', 4)],
+                         ids=lambda m: f'{m.strategy}-{m.inner}-{m.chunk_size}')
+def test_sum_clients_matches_python_sum(mapping):
+  # 7 clients: not a multiple of the chunk size (3 or 4) nor of the 8 host devices, so padded
+  # clients must be excluded from the sum.
+  xs = jnp.arange(7.0) + 1.0
+  ws = jnp.linspace(0.5, 2.0, 7)
+  fn = lambda shared, x, w: {'a': w * shared * x, 'b': jnp.stack([x, x * x])}
+  got = jax.jit(lambda xs, ws: engine.sum_clients(fn, 3.0, xs, ws, mapping=mapping))(xs, ws)
+  np.testing.assert_allclose(got['a'], float(np.sum(3.0 * np.asarray(ws) * np.asarray(xs))),
+                             rtol=1e-6)
+  np.testing.assert_allclose(got['b'], [28.0, 140.0], rtol=1e-6)
+
+
+def test_cosine_schedule_per_epoch_restarts_by_hand():
+  # 3 steps per epoch, period 2 epochs, lr 0.1, floor 0.01: epochs 0,1,2,3 use
+  # 0.1, 0.01 + 0.09 * (1 + cos(pi/2)) / 2 = 0.055, then 0.1 and 0.055 again (restart).
+  config = engine.LocalConfig(lr_schedule='cosine', cosine_epochs=2, cosine_min_lr=0.01,
+                              local_epochs=4)
+  opt = engine.client_optimizer(config, jnp.float32(0.1), jnp.int32(3))
+  w = {'w': jnp.zeros((), jnp.float32)}
+  state = opt.init(w)
+  steps = []
+  for _ in range(12):
+    u, state = opt.update({'w': jnp.ones((), jnp.float32)}, state, w)
+    steps.append(-float(u['w']))
+  np.testing.assert_allclose(steps, [0.1] * 3 + [0.055] * 3 + [0.1] * 3 + [0.055] * 3,
+                             rtol=1e-6)
+
+
+def test_local_config_rejects_unknown_schedule():
+  with pytest.raises(ValueError, match='constant, cosine'):
+    engine.LocalConfig(lr_schedule='step')
+
+
+@pytest.mark.parametrize('enforce', engine.ENFORCEMENTS)
+def test_masked_sgd_step_keeps_pruned_weights_zero(enforce):
+  fd = tiny_federated()
+  w = jnp.where(jnp.arange(48).reshape(16, 3) % 2 == 0, 0.05, 0.0).astype(jnp.float32)
+  mask = {'w': w != 0}
+  config = engine.LocalConfig(batch_size=4, local_epochs=1, momentum=0.9, weight_decay=0.1)
+  opt = engine.client_optimizer(config, jnp.float32(0.5))
+  step = engine.sgd_step(_linear_apply, opt, mask=mask, enforce=enforce)
+  schedule = engine.make_schedule(jax.random.key(0), fd.client_index[0], fd.client_size[0],
+                                  config)
+  out, _, _ = engine.run_local(step, {'w': w}, opt.init({'w': w}), schedule, fd,
+                               jax.random.key(1))
+  assert np.all(np.asarray(out['w'])[~np.asarray(mask['w'])] == 0.0)
+  assert np.any(np.asarray(out['w'])[np.asarray(mask['w'])] != 0.05)  # kept weights train

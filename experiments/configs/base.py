@@ -9,7 +9,7 @@ import ml_collections
 def base_config() -> ml_collections.ConfigDict:
   """The flat run description with every key the run loop reads."""
   c = ml_collections.ConfigDict()
-  c.algorithm = 'fedavg'           # fedavg | fedavgm
+  c.algorithm = 'fedavg'           # fedavg | fedavgm | ssfl
   c.dataset = 'digits'             # digits | mnist | fashion_mnist | emnist | cifar10 | cifar100 | npz:PATH
   c.data_dir = ''                  # TFDS data_dir ('' = TFDS default)
   c.model = 'mlp'
@@ -31,8 +31,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.momentum = 0.0
   c.weight_decay = 0.0
   c.clip_norm = 0.0                # 0 = no clipping
+  c.lr_schedule = 'constant'       # constant | cosine (per local epoch, restarted every round)
+  c.cosine_epochs = 0              # cosine period in local epochs (0 = local_epochs)
+  c.cosine_min_lr = 1e-5
+  c.server_optimizer = 'auto'      # auto (fedavgm: momentum, else sgd) | sgd | momentum
   c.server_learning_rate = 1.0
-  c.server_momentum = 0.9          # used by fedavgm
+  c.server_momentum = 0.9          # used with the momentum server optimizer
+  # Sparse training (ssfl).
+  c.density = 1.0                  # fraction of prunable weights kept, in (0, 1]
+  c.mask = 'saliency'              # saliency | random_global | random_layerwise
+  c.ties = 'index'                 # index (exactly k kept) | keep (SSFL code: score >= k-th)
+  c.saliency_score = 'ssfl'        # ssfl (cross-entropy) | salientgrads (NLL of raw logits)
+  c.saliency_batches = 1           # minibatches each client scores on
+  c.saliency_weighting = 'uniform'  # uniform | weighted (by client size)
+  c.layerwise_allocation = 'uniform'  # per-layer densities of random_layerwise: uniform | erk
+  c.mask_enforcement = 'forward'   # forward (train w*m) | step (re-mask after every step)
+  c.warmup_rounds = 0              # dense rounds before the mask is chosen
   c.strategy = 'auto'              # auto | vmap | chunked | sequential | sharded
   c.chunk_size = 8
   c.eval_every = 5

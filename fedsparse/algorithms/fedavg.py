@@ -25,12 +25,15 @@ import jax.numpy as jnp
 import optax
 
 from fedsparse import comm
+from fedsparse import masks
 from fedsparse.data import FederatedData
 from fedsparse.engine import (Algorithm, ClientMapping, CohortConfig, LocalConfig,
                               aggregation_weights, client_optimizer, make_schedule, map_clients,
-                              run_local, sample_cohort, sgd_step, weighted_mean)
+                              run_local, sample_cohort, sgd_step, steps_per_epoch,
+                              weighted_mean)
 
-__all__ = ['FedAvgState', 'fedavg', 'fedavgm', 'client_learning_rate']
+__all__ = ['FedAvgState', 'RoundCore', 'client_learning_rate', 'fedavg', 'fedavg_round_core',
+           'fedavgm']
 
 
 class FedAvgState(NamedTuple):
@@ -43,6 +46,66 @@ class FedAvgState(NamedTuple):
 def client_learning_rate(learning_rate: float, lr_decay: float, round_: jax.Array) -> jax.Array:
   """Per-round decayed client learning rate ``lr · decay^t`` (a traced scalar)."""
   return jnp.float32(learning_rate) * jnp.float32(lr_decay) ** round_.astype(jnp.float32)
+
+
+RoundCore = Callable[..., tuple[Any, optax.OptState, dict[str, jax.Array]]]
+
+
+def fedavg_round_core(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig,
+                      local: LocalConfig, learning_rate: float, lr_decay: float = 1.0,
+                      server_optimizer: optax.GradientTransformation | None = None,
+                      mapping: ClientMapping = ClientMapping(), enforce: str = 'forward'
+                      ) -> tuple[RoundCore, optax.GradientTransformation]:
+  """The body of a FedAvg round, optionally under a static mask; shared by the sparse variants.
+
+  Returns ``(core, server_optimizer)`` where ``core(params, opt_state, round_, data, key,
+  mask=None) -> (params, opt_state, metrics)`` samples the cohort, trains every client from
+  ``params`` (under ``mask`` with the given enforcement, if any), averages the deltas and
+  applies the server optimizer to −Δ̄. With a mask the new global params are re-masked, so
+  pruned entries stay exactly zero whatever the server optimizer does. ``metrics`` holds
+  ``train_loss``, ``client_loss`` and ``clients``; bit counts are the caller's (they depend on
+  the encoding).
+
+  Args: as :func:`fedavg`, plus ``enforce``: how a mask is enforced during local training (see
+  `fedsparse.engine.ENFORCEMENTS`).
+  """
+  if learning_rate <= 0:
+    raise ValueError(f'learning_rate must be positive, got {learning_rate}.')
+  if not 0 < lr_decay <= 1:
+    raise ValueError(f'lr_decay must be in (0, 1], got {lr_decay}.')
+  server_optimizer = server_optimizer or optax.sgd(1.0)
+  k = cohort.clients_per_round
+
+  def client_update(shared, client_id, key):
+    params, mask, data, lr = shared
+    schedule_key, train_key = jax.random.split(key)
+    schedule = make_schedule(schedule_key, data.client_index[client_id],
+                             data.client_size[client_id], local)
+    optimizer = client_optimizer(
+        local, lr, steps_per_epoch(data.client_size[client_id], local.batch_size))
+    step = sgd_step(apply_fn, optimizer, mask=mask, enforce=enforce)
+    new_params, _, loss = run_local(step, params, optimizer.init(params), schedule, data,
+                                    train_key)
+    return jax.tree.map(jnp.subtract, new_params, params), loss
+
+  def core(params, opt_state, round_, data, key, mask=None):
+    sample_key, clients_key = jax.random.split(key)
+    clients = sample_cohort(sample_key, data.num_clients, k, cohort.replace)
+    client_keys = jax.random.split(clients_key, k)  # one key per client, never shared
+    lr = client_learning_rate(learning_rate, lr_decay, round_)
+    deltas, losses = map_clients(client_update, (params, mask, data, lr), clients, client_keys,
+                                 mapping=mapping)
+    weights = aggregation_weights(data.client_size[clients], cohort.weighted)
+    pseudo_grad = jax.tree.map(jnp.negative, weighted_mean(deltas, weights))
+    updates, opt_state = server_optimizer.update(pseudo_grad, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    if mask is not None:
+      params = masks.apply(params, mask)
+    metrics = {'train_loss': jnp.sum(weights * losses), 'client_loss': losses,
+               'clients': clients}
+    return params, opt_state, metrics
+
+  return core, server_optimizer
 
 
 def fedavg(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: LocalConfig,
@@ -63,11 +126,9 @@ def fedavg(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
   Returns:
     An :class:`~fedsparse.engine.Algorithm`.
   """
-  if learning_rate <= 0:
-    raise ValueError(f'learning_rate must be positive, got {learning_rate}.')
-  if not 0 < lr_decay <= 1:
-    raise ValueError(f'lr_decay must be in (0, 1], got {lr_decay}.')
-  server_optimizer = server_optimizer or optax.sgd(1.0)
+  core, server_optimizer = fedavg_round_core(
+      apply_fn, cohort=cohort, local=local, learning_rate=learning_rate, lr_decay=lr_decay,
+      server_optimizer=server_optimizer, mapping=mapping)
   k = cohort.clients_per_round
 
   def init(key: jax.Array, params: Any) -> FedAvgState:
@@ -75,38 +136,11 @@ def fedavg(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
     return FedAvgState(params=params, opt_state=server_optimizer.init(params),
                        round=jnp.zeros((), jnp.int32))
 
-  def client_update(shared, client_id, key):
-    params, data, lr = shared
-    schedule_key, train_key = jax.random.split(key)
-    schedule = make_schedule(schedule_key, data.client_index[client_id],
-                             data.client_size[client_id], local)
-    optimizer = client_optimizer(local, lr)
-    step = sgd_step(apply_fn, optimizer)
-    new_params, _, loss = run_local(step, params, optimizer.init(params), schedule, data,
-                                    train_key)
-    return jax.tree.map(jnp.subtract, new_params, params), loss
-
   def round_fn(state: FedAvgState, data: FederatedData, key: jax.Array
                ) -> tuple[FedAvgState, dict[str, jax.Array]]:
-    sample_key, clients_key = jax.random.split(key)
-    clients = sample_cohort(sample_key, data.num_clients, k, cohort.replace)
-    client_keys = jax.random.split(clients_key, k)  # one key per client, never shared
-    lr = client_learning_rate(learning_rate, lr_decay, state.round)
-    deltas, losses = map_clients(client_update, (state.params, data, lr), clients, client_keys,
-                                 mapping=mapping)
-    weights = aggregation_weights(data.client_size[clients], cohort.weighted)
-    mean_delta = weighted_mean(deltas, weights)
-    pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
-    updates, opt_state = server_optimizer.update(pseudo_grad, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params, opt_state, metrics = core(state.params, state.opt_state, state.round, data, key)
     bits = comm.dense_bits(state.params)
-    metrics = {
-        'train_loss': jnp.sum(weights * losses),
-        'client_loss': losses,
-        'clients': clients,
-        'bits_up': comm.per_client(bits, k),
-        'bits_down': comm.per_client(bits, k),
-    }
+    metrics.update(bits_up=comm.per_client(bits, k), bits_down=comm.per_client(bits, k))
     return FedAvgState(params, opt_state, state.round + 1), metrics
 
   return Algorithm(init=init, round=round_fn, eval_params=lambda state: state.params)

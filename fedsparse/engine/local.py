@@ -24,9 +24,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedsparse import masks as masks_lib
 from fedsparse.data import FederatedData, normalize
 
 __all__ = [
+    'ENFORCEMENTS',
+    'LR_SCHEDULES',
     'Batch',
     'LocalConfig',
     'Schedule',
@@ -55,6 +58,10 @@ class Schedule(NamedTuple):
   epoch: jax.Array  # [S] int32 local epoch of each step (0 in fixed-steps mode)
 
 
+# Client learning-rate schedules within a round (see `LocalConfig`).
+LR_SCHEDULES = ('constant', 'cosine')
+
+
 @dataclasses.dataclass(frozen=True)
 class LocalConfig:
   """Static settings of local training.
@@ -66,6 +73,13 @@ class LocalConfig:
     momentum: client SGD momentum (PyTorch convention: ``buf = m·buf + g``).
     weight_decay: L2 weight decay added to the gradient (PyTorch ``SGD(weight_decay=...)``).
     clip_norm: if positive, clip the gradient to this global norm before weight decay.
+    lr_schedule: one of `LR_SCHEDULES`. ``'cosine'`` anneals the round's learning rate per
+      local epoch, ``min + (lr - min)(1 + cos(π (e mod P) / P)) / 2`` for epoch e, restarting
+      every round (PyTorch's ``CosineAnnealingWarmRestarts(T_0=P)`` stepped per epoch and
+      rebuilt each round, as in the SSFL code's CIFAR-100 setting).
+    cosine_epochs: the period P in local epochs (0: ``local_epochs``). An epoch is
+      ``ceil(n_k / batch_size)`` steps of client k, also in fixed-steps mode.
+    cosine_min_lr: the floor of the cosine.
   """
   batch_size: int = 32
   local_epochs: int = 1
@@ -73,6 +87,16 @@ class LocalConfig:
   momentum: float = 0.0
   weight_decay: float = 0.0
   clip_norm: float = 0.0
+  lr_schedule: str = 'constant'
+  cosine_epochs: int = 0
+  cosine_min_lr: float = 1e-5
+
+  def __post_init__(self):
+    if self.lr_schedule not in LR_SCHEDULES:
+      raise ValueError(f'Unknown lr_schedule {self.lr_schedule!r}; valid: '
+                       f'{", ".join(LR_SCHEDULES)}.')
+    if self.cosine_epochs < 0:
+      raise ValueError(f'cosine_epochs must be >= 0, got {self.cosine_epochs}.')
 
   def num_steps(self, max_client_size: int) -> int:
     """The static number of scan steps every client runs."""
@@ -86,19 +110,38 @@ def steps_per_epoch(n, batch_size):
   return (n + batch_size - 1) // batch_size
 
 
-def client_optimizer(config: LocalConfig, learning_rate: jax.Array) -> optax.GradientTransformation:
+def client_optimizer(config: LocalConfig, learning_rate: jax.Array,
+                     client_steps_per_epoch: jax.Array | int = 1
+                     ) -> optax.GradientTransformation:
   """Client SGD: clip → weight decay → momentum SGD, in PyTorch's order.
 
   The learning rate is injected as a hyperparameter so that a per-round decayed value (a traced
-  scalar) needs no re-compilation.
+  scalar) needs no re-compilation; with ``lr_schedule='cosine'`` it is a schedule of the
+  optimizer's step count (frozen padding steps do not advance it).
+
+  Args:
+    config: local training settings.
+    learning_rate: the round's (peak) client learning rate.
+    client_steps_per_epoch: ``ceil(n_k / batch_size)`` of this client, for the cosine schedule.
   """
+  lr = learning_rate
+  if config.lr_schedule == 'cosine':
+    period = config.cosine_epochs or config.local_epochs
+    floor = jnp.float32(config.cosine_min_lr)
+    spe = jnp.maximum(jnp.asarray(client_steps_per_epoch, jnp.int32), 1)
+
+    def lr(count):
+      epoch = (count.astype(jnp.int32) // spe) % period
+      phase = jnp.pi * epoch.astype(jnp.float32) / period
+      return floor + (learning_rate - floor) * 0.5 * (1.0 + jnp.cos(phase))
+
   parts = []
   if config.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(config.clip_norm))
   if config.weight_decay > 0:
     parts.append(optax.add_decayed_weights(config.weight_decay))
   parts.append(optax.inject_hyperparams(optax.sgd)(
-      learning_rate=learning_rate, momentum=config.momentum or None))
+      learning_rate=lr, momentum=config.momentum or None))
   return optax.chain(*parts)
 
 
@@ -202,10 +245,34 @@ def run_local(step_fn: StepFn, params: Any, opt_state: Any, schedule: Schedule,
   return params, opt_state, loss_sum / num_active.astype(jnp.float32)
 
 
-def sgd_step(apply_fn: Callable[..., jax.Array], optimizer: optax.GradientTransformation
-             ) -> StepFn:
-  """A plain supervised SGD step on the masked cross-entropy."""
+# How a weight mask is enforced during local training (see `sgd_step`).
+ENFORCEMENTS = ('forward', 'step')
+
+
+def sgd_step(apply_fn: Callable[..., jax.Array], optimizer: optax.GradientTransformation, *,
+             mask: Any = None, enforce: str = 'forward') -> StepFn:
+  """A supervised SGD step on the masked cross-entropy, optionally under a weight mask.
+
+  Args:
+    apply_fn: the flax ``Module.apply``.
+    optimizer: the client optimizer.
+    mask: optional boolean pytree like the params (True = kept).
+    enforce: one of `ENFORCEMENTS`. ``'forward'``: the model runs on ``w ⊙ m``, so pruned
+      weights get a zero gradient and -- starting at zero -- stay zero under weight decay and
+      momentum too. ``'step'``: the model runs on ``w`` and every update is re-masked after the
+      step (the dense gradient, e.g. for clipping, includes pruned positions).
+
+  Returns:
+    ``step(params, opt_state, batch, key) -> (params, opt_state, loss)``.
+  """
+  if enforce not in ENFORCEMENTS:
+    raise ValueError(f'Unknown mask enforcement {enforce!r}; valid: {", ".join(ENFORCEMENTS)}.')
+  forward_mask = mask if enforce == 'forward' else None
+  step_mask = mask if enforce == 'step' else None
+
   def loss_fn(params, batch):
+    if forward_mask is not None:
+      params = masks_lib.apply(params, forward_mask)
     logits = apply_fn({'params': params}, batch.x, train=True)
     return cross_entropy(logits, batch.y, batch.mask)
 
@@ -213,6 +280,9 @@ def sgd_step(apply_fn: Callable[..., jax.Array], optimizer: optax.GradientTransf
     del key  # deterministic model
     loss, grads = jax.value_and_grad(loss_fn)(params, batch)
     updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    params = optax.apply_updates(params, updates)
+    if step_mask is not None:
+      params = masks_lib.apply(params, step_mask)
+    return params, opt_state, loss
 
   return step

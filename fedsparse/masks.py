@@ -1,0 +1,464 @@
+"""Binary sparsity masks over parameter pytrees: which leaves to prune, how many to keep, which.
+
+A mask is a boolean pytree with exactly the structure of the parameters: every leaf is a bool array
+of its parameter's shape (True = kept). Leaves that are never pruned (biases, normalisation scales
+and offsets by default) carry all-True masks, so applying a mask never needs to know which leaves
+are prunable, and masks aggregate, compare and travel leaf by leaf like the parameters themselves.
+
+Which leaves are prunable is a separate, static pytree of Python bools of the same structure
+(:func:`prunable_leaves`). It is never traced: every count it implies (how many entries a layer
+keeps) is a Python int computed from shapes, so the selections below compile once under
+``jax.jit`` with static ``k``.
+
+The density budget ``d`` always refers to the prunable entries only: a mask of density ``d`` keeps
+``keep_count(d, P)`` of the ``P`` prunable entries, plus every non-prunable one.
+
+Building blocks:
+
+* :func:`keep_count` -- ``floor(d * n)``, robust to floating-point noise (0.29 * 100 keeps 29).
+* :func:`allocate_densities` -- per-layer densities for a global budget: ``'uniform'`` or RigL's
+  Erdős–Rényi-Kernel (``'erk'``; Evci et al., "Rigging the Lottery: Making All Tickets Winners",
+  ICML 2020), which gives layers with few parameters per fan a higher density.
+* :func:`topk_mask` -- exactly ``k`` entries of one array, ties broken by index (or SSFL's
+  ``'keep'`` rule: everything at least the k-th largest score).
+* :func:`global_topk` / :func:`layerwise_topk` -- one top-k over all prunable entries, or one per
+  layer.
+* :func:`random_mask` -- uniformly random masks of exact size (the usual sparse initialisation).
+
+Example::
+
+  >>> import jax.numpy as jnp
+  >>> params = {'Dense_0': {'kernel': jnp.ones((4, 2)), 'bias': jnp.ones(2)}}
+  >>> prunable = prunable_leaves(params)
+  >>> prunable
+  {'Dense_0': {'bias': False, 'kernel': True}}
+  >>> mask = global_topk(params, prunable, 0.5)
+  >>> int(count(mask, prunable)), int(count(mask))
+  (4, 6)
+"""
+
+import math
+import numbers
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    'ALLOCATIONS',
+    'TIES',
+    'SCOPES',
+    'prunable_leaves',
+    'ones_like',
+    'apply',
+    'count',
+    'density',
+    'num_prunable',
+    'layer_counts',
+    'keep_count',
+    'allocate_densities',
+    'topk_mask',
+    'global_topk',
+    'layerwise_topk',
+    'random_mask',
+]
+
+ALLOCATIONS = ('uniform', 'erk')
+TIES = ('index', 'keep')
+SCOPES = ('global', 'layerwise')
+
+
+# --------------------------------------------------------------------------------------------------
+# Internal helpers.
+
+
+def _shape(leaf: Any) -> tuple[int, ...]:
+  """Static shape of an array, tracer or ``jax.ShapeDtypeStruct`` (anything with ``.shape``)."""
+  return tuple(leaf.shape) if hasattr(leaf, 'shape') else tuple(np.shape(leaf))
+
+
+def _size(leaf: Any) -> int:
+  return math.prod(_shape(leaf))
+
+
+def _key_str(key: Any) -> str:
+  """One entry of a pytree path as a string: dict key, sequence index or attribute name."""
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _prunable_flags(tree: Any, prunable: Any) -> tuple[list[Any], list[bool], Any]:
+  """Leaves of ``tree``, the matching prunable flags, and the tree's structure.
+
+  Raises early with both structures when they differ: a mismatch would otherwise surface as an
+  opaque error from ``jax.tree.map`` (or, worse, pair leaves up wrongly).
+  """
+  leaves, treedef = jax.tree.flatten(tree)
+  flags, pdef = jax.tree.flatten(prunable)
+  if pdef != treedef:
+    raise ValueError(f'prunable must have the structure of the tree: {pdef} vs {treedef}.')
+  return leaves, [bool(f) for f in flags], treedef
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+  if value not in valid:
+    raise ValueError(f'Unknown {name} {value!r}; valid choices are {valid}.')
+
+
+def _check_density(density: Any) -> float:
+  if isinstance(density, bool) or not isinstance(density, numbers.Real):
+    raise ValueError(f'density must be a real number in (0, 1], got {density!r}.')
+  d = float(density)
+  # `not (0 < d <= 1)` also rejects NaN.
+  if not 0.0 < d <= 1.0:
+    raise ValueError(f'density must be in (0, 1], got {density!r}.')
+  return d
+
+
+def _density_tree(densities: Any, treedef: Any) -> list[Any]:
+  """Per-leaf densities from a single number or a pytree of numbers shaped like the params."""
+  if isinstance(densities, numbers.Real) and not isinstance(densities, bool):
+    return [densities] * treedef.num_leaves
+  leaves, ddef = jax.tree.flatten(densities)
+  if ddef != treedef:
+    raise ValueError(f'densities must be a number or have the structure of the params: '
+                     f'{ddef} vs {treedef}.')
+  return leaves
+
+
+def _descending_key(x: jax.Array) -> jax.Array:
+  """An order-reversing map of ``x``, so an ascending stable sort lists the largest first.
+
+  Integers use bitwise NOT (``~x = -x - 1``), which reverses their order without the overflow of
+  ``-x`` at the most negative value (and works for unsigned types and bools too).
+  """
+  if jnp.issubdtype(x.dtype, jnp.inexact):
+    return -x
+  return jnp.invert(x)
+
+
+def _flat_topk(flat: jax.Array, k: int, ties: str) -> jax.Array:
+  """Top-k of a 1-D array as a boolean vector (see :func:`topk_mask`)."""
+  n = flat.shape[0]
+  if k <= 0:
+    return jnp.zeros((n,), jnp.bool_)
+  if k >= n:
+    return jnp.ones((n,), jnp.bool_)
+  # A stable sort keeps equal scores in index order, so the lower index wins ties.
+  order = jnp.argsort(_descending_key(flat), stable=True)
+  if ties == 'keep':
+    kth = flat[order[k - 1]]
+    return flat >= kth
+  return jnp.zeros((n,), jnp.bool_).at[order[:k]].set(True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Structure and bookkeeping.
+
+
+def _default_predicate(path: tuple[str, ...], leaf: Any) -> bool:
+  # Conv and dense kernels only: biases and norm scales/offsets are tiny and sensitive.
+  return bool(path) and path[-1] == 'kernel' and len(_shape(leaf)) >= 2
+
+
+def prunable_leaves(params: Any,
+                    predicate: Callable[[tuple[str, ...], Any], bool] | None = None) -> Any:
+  """Which leaves of ``params`` may be pruned, as a pytree of Python bools.
+
+  Args:
+    params: the parameter pytree (arrays or ``jax.ShapeDtypeStruct``; only shapes are read).
+    predicate: ``predicate(path, leaf) -> bool`` with ``path`` the tuple of the leaf's keys as
+      strings (e.g. ``('Conv_0', 'kernel')``). Defaults to: the last key is ``'kernel'`` and the
+      leaf has at least two dimensions (conv and dense kernels).
+
+  Returns:
+    A pytree of bools with the structure of ``params``.
+
+  Raises:
+    ValueError: when no leaf is prunable (a sparsity budget would then mean nothing).
+  """
+  predicate = _default_predicate if predicate is None else predicate
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+  flags = [bool(predicate(tuple(_key_str(k) for k in path), leaf)) for path, leaf in with_path]
+  if not any(flags):
+    raise ValueError('No prunable leaf: the predicate selected none of the parameters.')
+  return jax.tree_util.tree_unflatten(treedef, flags)
+
+
+def ones_like(params: Any) -> Any:
+  """The dense mask: all True, one bool leaf per parameter leaf."""
+  return jax.tree.map(lambda w: jnp.ones(_shape(w), jnp.bool_), params)
+
+
+def apply(params: Any, mask: Any) -> Any:
+  """Zeroes the pruned entries (exactly 0, not merely small); kept entries and dtypes unchanged."""
+  return jax.tree.map(lambda w, m: jnp.where(m, w, jnp.zeros_like(w)), params, mask)
+
+
+def count(mask: Any, prunable: Any = None) -> jax.Array:
+  """Number of True entries of ``mask`` (an int32 scalar), over prunable leaves when given."""
+  if prunable is None:
+    leaves = jax.tree.leaves(mask)
+  else:
+    masks, flags, _ = _prunable_flags(mask, prunable)
+    leaves = [m for m, f in zip(masks, flags) if f]
+  total = jnp.zeros((), jnp.int32)
+  for m in leaves:
+    total = total + jnp.sum(m, dtype=jnp.int32)
+  return total
+
+
+def num_prunable(params: Any, prunable: Any) -> int:
+  """Number of prunable entries ``P`` (static: from shapes only)."""
+  leaves, flags, _ = _prunable_flags(params, prunable)
+  return sum(_size(w) for w, f in zip(leaves, flags) if f)
+
+
+def density(mask: Any, prunable: Any) -> jax.Array:
+  """Fraction of the prunable entries that ``mask`` keeps, a float32 scalar."""
+  return count(mask, prunable).astype(jnp.float32) / jnp.float32(num_prunable(mask, prunable))
+
+
+def keep_count(density: float, n: int) -> int:
+  """How many of ``n`` entries a layer of this density keeps: ``floor(density * n)``.
+
+  The product is rounded to 6 decimals before the floor because it is computed in floating point:
+  ``0.29 * 100 == 28.999999999999996`` must keep 29 entries, not 28.
+
+  Args:
+    density: the kept fraction, in (0, 1].
+    n: the number of entries.
+
+  Returns:
+    A Python int in [0, n].
+
+  Raises:
+    ValueError: when ``density`` is outside (0, 1] or ``n`` is negative.
+  """
+  d = _check_density(density)
+  n = int(n)
+  if n < 0:
+    raise ValueError(f'n must be non-negative, got {n}.')
+  return min(max(math.floor(round(d * n, 6)), 0), n)
+
+
+def layer_counts(params: Any, prunable: Any, densities: Any) -> Any:
+  """Entries kept per leaf: ``keep_count(d_l, n_l)`` when prunable, ``n_l`` otherwise.
+
+  Args:
+    params: the parameter pytree (only shapes are read).
+    prunable: the prunable flags (see :func:`prunable_leaves`).
+    densities: one density for every prunable leaf, or a pytree of densities shaped like
+      ``params`` (e.g. from :func:`allocate_densities`); entries at non-prunable leaves are ignored.
+
+  Returns:
+    A pytree of Python ints with the structure of ``params``.
+  """
+  leaves, flags, treedef = _prunable_flags(params, prunable)
+  ds = _density_tree(densities, treedef)
+  counts = [keep_count(d, _size(w)) if f else _size(w) for w, f, d in zip(leaves, flags, ds)]
+  return jax.tree_util.tree_unflatten(treedef, counts)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-layer density allocation.
+
+
+def _erk_densities(shapes: list[tuple[int, ...]], density: float,
+                   power_scale: float) -> list[float]:
+  """RigL's Erdős–Rényi-Kernel densities (``sparse_utils.get_sparsities_erdos_renyi``).
+
+  Derivation. Layer ``l`` has ``n_l = prod(shape_l)`` entries and the raw score
+  ``r_l = (sum(shape_l) / n_l) ** power_scale`` (for a dense kernel ``(fan_in + fan_out) /
+  (fan_in * fan_out)``, Erdős–Rényi; for a conv kernel the spatial sizes join the sum, ERK). The
+  sparse layers get ``d_l = eps * r_l`` for one scale ``eps``. Let ``D`` be the layers already
+  made dense. The budget ``sum_l d_l n_l = d * N`` (``N = sum_l n_l``) reads
+
+    sum_{l in D} n_l + eps * sum_{l not in D} r_l n_l = d * N
+    =>  eps = (d * N - sum_{l in D} n_l) / sum_{l not in D} r_l n_l.
+
+  (RigL writes the numerator as ``sum_{not D} d n_l - sum_{D} (1 - d) n_l``; it is the same.) If
+  the largest ``eps * r_l`` exceeds 1, the layer(s) with the largest raw score cannot reach their
+  share: they become dense, join ``D``, and ``eps`` is solved again. Each pass makes at least one
+  more layer dense, so the loop ends after at most ``len(shapes)`` passes; since ``d <= 1`` the
+  numerator stays >= 0 and the remaining densities stay >= 0.
+  """
+  sizes = [math.prod(s) for s in shapes]
+  total = sum(sizes)
+  # Empty leaves keep nothing and would divide by zero in r_l: call them dense and leave them out.
+  dense = {i for i, n in enumerate(sizes) if n == 0}
+  raw = {i: (sum(s) / sizes[i]) ** power_scale for i, s in enumerate(shapes) if i not in dense}
+  eps = 0.0
+  while True:
+    sparse = [i for i in raw if i not in dense]
+    if not sparse:
+      break
+    numerator = density * total - sum(sizes[i] for i in dense)
+    divisor = sum(raw[i] * sizes[i] for i in sparse)
+    eps = numerator / divisor
+    max_raw = max(raw[i] for i in sparse)
+    if max_raw * eps <= 1.0:
+      break
+    dense.update(i for i in sparse if raw[i] == max_raw)
+  # The min only clips round-off: the loop guarantees eps * r_l <= 1 for the sparse layers.
+  return [1.0 if i in dense else min(float(eps * raw[i]), 1.0) for i in range(len(shapes))]
+
+
+def allocate_densities(params: Any, prunable: Any, density: float,
+                       method: str = 'uniform', erk_power_scale: float = 1.0) -> Any:
+  """Per-leaf densities that spend a global budget over the prunable leaves.
+
+  The budget is ``density`` times the number of prunable entries: ``sum_l d_l n_l = density *
+  sum_l n_l`` over prunable leaves (up to float round-off; :func:`keep_count` then floors each
+  layer).
+
+  Args:
+    params: the parameter pytree (only shapes are read).
+    prunable: the prunable flags (see :func:`prunable_leaves`).
+    density: the overall density of the prunable entries, in (0, 1].
+    method: ``'uniform'`` (every prunable leaf gets ``density``) or ``'erk'`` (RigL's
+      Erdős–Rényi-Kernel: ``d_l ∝ (sum(shape_l) / prod(shape_l)) ** erk_power_scale``, layers
+      that would exceed density 1 made dense).
+    erk_power_scale: the exponent of the ERK score (RigL's ``erk_power_scale``; 0 is uniform).
+
+  Returns:
+    A pytree of Python floats with the structure of ``params``: 1.0 at non-prunable leaves, every
+    value in (0, 1] (a prunable leaf can get 0 only if it is empty).
+
+  Raises:
+    ValueError: for an unknown ``method`` or a ``density`` outside (0, 1].
+  """
+  _check_choice('allocation method', method, ALLOCATIONS)
+  d = _check_density(density)
+  leaves, flags, treedef = _prunable_flags(params, prunable)
+  idx = [i for i, f in enumerate(flags) if f]
+  out = [1.0] * len(leaves)
+  if method == 'uniform':
+    for i in idx:
+      out[i] = d
+  else:
+    for i, d_l in zip(idx, _erk_densities([_shape(leaves[i]) for i in idx], d,
+                                          float(erk_power_scale))):
+      out[i] = d_l
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+# --------------------------------------------------------------------------------------------------
+# Selections.
+
+
+def topk_mask(scores: jax.Array, k: int, ties: str = 'index') -> jax.Array:
+  """The ``k`` largest entries of ``scores`` as a boolean array of the same shape.
+
+  Args:
+    scores: any real (or bool) array. NaN ranks below every number.
+    k: static number of entries to keep; 0 keeps none and ``k >= scores.size`` keeps all.
+    ties: ``'index'`` keeps exactly ``k``, equal scores ordered by flat index (the lower index
+      wins); ``'keep'`` (SSFL's rule) keeps every entry at least the k-th largest score, so ties
+      at the threshold may keep more than ``k``.
+
+  Returns:
+    A bool array shaped like ``scores``.
+
+  Raises:
+    ValueError: for an unknown ``ties`` or a negative or non-integer ``k``.
+  """
+  _check_choice('ties', ties, TIES)
+  if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
+    raise ValueError(f'k must be a non-negative (static) integer, got {k!r}.')
+  scores = jnp.asarray(scores)
+  return _flat_topk(scores.reshape(-1), int(k), ties).reshape(scores.shape)
+
+
+def global_topk(scores: Any, prunable: Any, density: float,
+                ties: str = 'index') -> Any:
+  """One top-k over all prunable entries together.
+
+  Args:
+    scores: a pytree shaped like the params; values at non-prunable leaves are ignored. Leaves of
+      different dtypes are compared as float32 (strict promotion has no common type for them).
+    prunable: the prunable flags (see :func:`prunable_leaves`).
+    density: the kept fraction of the prunable entries, in (0, 1]; ``k = keep_count(density, P)``.
+    ties: as in :func:`topk_mask`; ``'index'`` orders the concatenation of the prunable leaves in
+      ``jax.tree.leaves`` order.
+
+  Returns:
+    A bool mask pytree; non-prunable leaves all True.
+  """
+  _check_choice('ties', ties, TIES)
+  leaves, flags, treedef = _prunable_flags(scores, prunable)
+  chosen = [jnp.asarray(s) for s, f in zip(leaves, flags) if f]
+  k = keep_count(density, sum(s.size for s in chosen))
+  if len({s.dtype for s in chosen}) > 1:
+    chosen = [s.astype(jnp.float32) for s in chosen]
+  flat = _flat_topk(jnp.concatenate([s.reshape(-1) for s in chosen]), k, ties)
+  out, offset = [], 0
+  for s, f in zip(leaves, flags):
+    if f:
+      n = _size(s)
+      out.append(flat[offset:offset + n].reshape(_shape(s)))
+      offset += n
+    else:
+      out.append(jnp.ones(_shape(s), jnp.bool_))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def layerwise_topk(scores: Any, prunable: Any, densities: Any, ties: str = 'index') -> Any:
+  """A separate top-k in every prunable leaf, keeping ``keep_count(d_l, n_l)`` entries.
+
+  Args:
+    scores: a pytree shaped like the params; values at non-prunable leaves are ignored.
+    prunable: the prunable flags (see :func:`prunable_leaves`).
+    densities: one density for all prunable leaves or a pytree of them (e.g. from
+      :func:`allocate_densities`).
+    ties: as in :func:`topk_mask`.
+
+  Returns:
+    A bool mask pytree; non-prunable leaves all True.
+  """
+  _check_choice('ties', ties, TIES)
+  leaves, flags, treedef = _prunable_flags(scores, prunable)
+  ds = _density_tree(densities, treedef)
+  out = [topk_mask(s, keep_count(d, _size(s)), ties) if f else jnp.ones(_shape(s), jnp.bool_)
+         for s, f, d in zip(leaves, flags, ds)]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def random_mask(key: jax.Array, params: Any, prunable: Any, density: float,
+                scope: str = 'global', allocation: str = 'uniform') -> Any:
+  """A uniformly random mask of exact size.
+
+  Args:
+    key: a PRNG key; the same key gives the same mask.
+    params: the parameter pytree (only shapes are read).
+    prunable: the prunable flags (see :func:`prunable_leaves`).
+    density: the kept fraction of the prunable entries, in (0, 1].
+    scope: ``'global'`` keeps exactly ``keep_count(density, P)`` entries chosen uniformly among all
+      prunable ones (layers end up with binomial-like counts); ``'layerwise'`` keeps exactly
+      ``keep_count(d_l, n_l)`` in each leaf with ``d_l`` from :func:`allocate_densities`.
+    allocation: the ``method`` of :func:`allocate_densities` for ``'layerwise'``; must be
+      ``'uniform'`` for ``'global'``, where no per-layer allocation takes place.
+
+  Returns:
+    A bool mask pytree; non-prunable leaves all True.
+  """
+  _check_choice('scope', scope, SCOPES)
+  _check_choice('allocation', allocation, ALLOCATIONS)
+  if scope == 'global' and allocation != 'uniform':
+    raise ValueError(f"allocation={allocation!r} needs scope='layerwise': a global selection has "
+                     'no per-layer allocation.')
+  _check_density(density)
+  leaves, flags, treedef = _prunable_flags(params, prunable)
+  # Top-k of i.i.d. uniform scores is a uniformly random subset of size k (float ties, resolved
+  # by index, are too rare to bias it measurably). One key per leaf keeps leaves independent.
+  keys = jax.random.split(key, len(leaves))
+  scores = jax.tree_util.tree_unflatten(treedef, [
+      jax.random.uniform(k, _shape(w), jnp.float32) if f else jnp.zeros(_shape(w), jnp.float32)
+      for k, w, f in zip(keys, leaves, flags)])
+  if scope == 'global':
+    return global_topk(scores, prunable, density)
+  densities = allocate_densities(params, prunable, density, method=allocation)
+  return layerwise_topk(scores, prunable, densities)
