@@ -10,6 +10,8 @@ Encodings provided here:
   parameters of sparse models).
 * :func:`known_positions_bits` -- float32 values at positions both sides already know (a static
   mask held by server and clients): only the kept values travel.
+* :func:`raw_mask_bits` -- a mask as a plain bitmap, one bit per position (SSFL's one-time mask
+  download).
 
 Per-client counts are int32 arrays inside the jitted round (JAX runs without 64-bit types by
 default); the run loop sums them over clients and rounds in Python integers, so totals never
@@ -34,6 +36,7 @@ __all__ = [
     'num_elements',
     'dense_bits',
     'known_positions_bits',
+    'raw_mask_bits',
     'per_client',
     'check_int32',
 ]
@@ -64,6 +67,11 @@ def known_positions_bits(mask: Any) -> jax.Array:
   """
   kept = sum(jnp.sum(m, dtype=jnp.int32) for m in jax.tree.leaves(mask))
   return jnp.int32(FLOAT_BITS) * kept
+
+
+def raw_mask_bits(num_positions: int) -> int:
+  """Bits to send a mask over ``num_positions`` positions as a raw bitmap: one bit each."""
+  return int(num_positions)
 
 
 def per_client(bits: int | jax.Array, num_clients: int) -> jax.Array:

@@ -48,7 +48,8 @@ def smoke_dataset(config, tmp_path):
 
 
 def test_configs_found():
-  assert {'digits_fedavg', 'mnist_fedavg', 'cifar10_fedavg'} <= set(CONFIGS)
+  assert {'digits_fedavg', 'mnist_fedavg', 'cifar10_fedavg', 'mnist_ssfl', 'cifar10_ssfl',
+          'cifar100_ssfl'} <= set(CONFIGS)
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -102,7 +103,7 @@ def test_same_seed_same_metrics_and_resume_matches(tmp_path):
 
 
 @pytest.mark.parametrize('override, message', [
-    ({'algorithm': 'fedprox'}, 'valid: fedavg, fedavgm'),
+    ({'algorithm': 'fedprox'}, 'valid: fedavg, fedavgm, ssfl'),
     ({'model': 'vgg'}, 'valid: mlp'),
     ({'partition': 'zipf'}, 'valid: iid'),
     ({'strategy': 'pmap'}, 'valid: auto, vmap'),
@@ -112,6 +113,15 @@ def test_same_seed_same_metrics_and_resume_matches(tmp_path):
     ({'learning_rate': -0.1}, 'learning_rate must be positive'),
     ({'dirichlet_alpha': 0.0}, 'dirichlet_alpha must be > 0'),
     ({'num_clients': 5000, 'clients_per_round': 10}, 'fewer'),
+    ({'algorithm': 'ssfl', 'density': 0.0}, r'density must be in \(0, 1\]'),
+    ({'algorithm': 'ssfl', 'density': 1.2}, r'density must be in \(0, 1\]'),
+    ({'algorithm': 'ssfl', 'mask': 'snip'}, 'valid: saliency, random_global, random_layerwise'),
+    ({'algorithm': 'ssfl', 'ties': 'first'}, 'valid: index, keep'),
+    ({'algorithm': 'ssfl', 'saliency_score': 'nll'}, 'valid: ssfl, salientgrads'),
+    ({'algorithm': 'ssfl', 'mask_enforcement': 'never'}, 'valid: forward, step'),
+    ({'algorithm': 'ssfl', 'warmup_rounds': 500}, 'warmup_rounds must be in'),
+    ({'lr_schedule': 'step'}, 'valid: constant, cosine'),
+    ({'server_optimizer': 'adam'}, 'valid: auto, sgd, momentum'),
 ])
 def test_bad_input_fails_before_anything_is_written(override, message, tmp_path):
   config = load_config('digits_fedavg')

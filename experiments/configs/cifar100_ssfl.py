@@ -14,32 +14,19 @@ Not yet measured here: no GPU and no CIFAR-100 offline in the sessions so far.
 """
 
 from experiments.configs import base
+from experiments.configs import cifar10_ssfl
 
 
 def get_config(arg: str | None = None):
-  c = base.base_config()
-  c.algorithm = 'ssfl'
+  c = cifar10_ssfl.get_config()
   c.dataset = 'cifar100'
-  c.model = 'resnet18'
-  c.partition = 'dirichlet_balanced'
-  c.dirichlet_alpha = 0.3
-  c.num_clients = 100
-  c.clients_per_round = 10
-  c.num_rounds = 1000
   c.local_epochs = 10
   c.batch_size = 128
-  c.learning_rate = 0.1
   c.lr_decay = 1.0
   c.lr_schedule = 'cosine'
   c.cosine_epochs = 10
   c.cosine_min_lr = 1e-5
   c.momentum = 0.9
-  c.weight_decay = 5e-4
-  c.clip_norm = 10.0
-  c.density = 0.5
-  c.mask = 'saliency'
-  c.eval_every = 10
-  c.checkpoint_every = 50
   if arg == 'smoke':
     c = base.smoke(c)
   return c

@@ -17,30 +17,15 @@ Not yet measured here: no GPU and no CIFAR-10 offline in the sessions so far.
 """
 
 from experiments.configs import base
+from experiments.configs import cifar10_fedavg
 
 
 def get_config(arg: str | None = None):
-  c = base.base_config()
+  c = cifar10_fedavg.get_config()  # the reference setting of the dense baseline
   c.algorithm = 'ssfl'
-  c.dataset = 'cifar10'
-  c.model = 'resnet18'
-  c.partition = 'dirichlet_balanced'
-  c.dirichlet_alpha = 0.3
-  c.num_clients = 100
-  c.clients_per_round = 10
-  c.num_rounds = 1000
-  c.local_epochs = 5
-  c.batch_size = 16
-  c.learning_rate = 0.1
-  c.lr_decay = 0.998
-  c.momentum = 0.0
-  c.weight_decay = 5e-4
-  c.clip_norm = 10.0
   c.density = 0.5
   c.mask = 'saliency'
   c.saliency_score = 'ssfl'
-  c.eval_every = 10
-  c.checkpoint_every = 50
   if arg == 'smoke':
     c = base.smoke(c)
   return c

@@ -15,25 +15,14 @@ Expected result: see the README's SSFL table (measured with this command, seed 0
 """
 
 from experiments.configs import base
+from experiments.configs import mnist_fedavg
 
 
 def get_config(arg: str | None = None):
-  c = base.base_config()
+  c = mnist_fedavg.get_config()  # the same data, partition, model and local training
   c.algorithm = 'ssfl'
-  c.dataset = 'mnist'
-  c.model = 'mnistnet'
-  c.partition = 'dirichlet_balanced'
-  c.dirichlet_alpha = 0.3
-  c.num_clients = 100
-  c.clients_per_round = 10
-  c.num_rounds = 50
-  c.local_epochs = 2
-  c.batch_size = 32
-  c.learning_rate = 0.05
-  c.momentum = 0.0
   c.density = 0.05
   c.mask = 'saliency'
-  c.eval_every = 5
   if arg == 'smoke':
     c = base.smoke(c)
   return c

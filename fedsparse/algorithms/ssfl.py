@@ -242,9 +242,10 @@ def ssfl(apply_fn: Callable[..., jax.Array], *, density: float, cohort: CohortCo
     # Training traffic: kept prunable values + dense non-prunable leaves (mask all True there).
     bits = comm.known_positions_bits(mask_)
     p_prunable = masks.num_prunable(state.params, prunable_)
-    once_up = comm.check_int32(comm.FLOAT_BITS * p_prunable if mask == 'saliency' else 0)
-    once_down = comm.check_int32(
-        p_prunable + (comm.dense_bits(state.params) if warmup_rounds > 0 else 0))
+    # One-time, every client: dense float32 scores up; the mask (and warm-up weights) down.
+    once_up = comm.FLOAT_BITS * p_prunable if mask == 'saliency' else 0
+    once_down = comm.raw_mask_bits(p_prunable) + (
+        comm.dense_bits(state.params) if warmup_rounds > 0 else 0)
     n = data.num_clients
     metrics.update(
         bits_up=comm.per_client(bits, k), bits_down=comm.per_client(bits, k),
