@@ -11,7 +11,19 @@ Command (offline, with the MNIST file beside the checkout)::
 Other densities and the random-mask baselines: ``--config.density=0.1``,
 ``--config.mask=random_global`` (or ``random_layerwise``).
 
-Expected result: see the README's SSFL table (measured with this command, seed 0).
+Expected result (seed 0, measured with the command above on the 2-core CPU, ~4 s per round;
+the first round also scores all 100 clients): 96.3 % pooled test accuracy at round 50, 1.9
+points below dense FedAvg (`mnist_fedavg`: 98.2 %) and 5.4 above a random global mask of the
+same density (90.9 %). Other densities in the README's SSFL table.
+
+  round                       5      10     15     20     25     30     35     40     45     50
+  pooled test accuracy      78.92  90.24  92.19  94.35  93.20  95.49  95.74  96.08  96.20  96.27
+  mean client accuracy      79.39  90.21  92.07  94.38  93.20  95.24  95.58  95.95  96.13  96.01
+  cumulative upload (MB)    107.3  110.0  112.6  115.2  117.9  120.5  123.1  125.8  128.4  131.1
+
+Upload: once, 100 clients × 261,750 prunable weights × 32 bits of saliency = 104.7 MB; then
+each round 10 clients × (13,087 kept weights + 90 dense biases) × 32 bits = 0.53 MB (the same
+down; the mask download is 100 × 261,750 bits = 3.3 MB once).
 """
 
 from experiments.configs import base

@@ -17,6 +17,10 @@ Strategies:
   strategies above). The cohort is padded to a multiple of the device count.
 * ``auto`` -- chosen per backend by :func:`default_strategy` from measurement (see README).
 
+:func:`map_clients` stacks the per-client outputs (a cohort's deltas); :func:`sum_clients`
+reduces them as it goes, so that work over a whole population (e.g. saliency scores of 1,000
+clients) costs one client's (one chunk's) memory.
+
 Example::
 
   >>> mapping = ClientMapping('chunked', chunk_size=4)
