@@ -246,7 +246,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> d
   cum_down = history[-1]['cum_bits_down'] if history else 0
 
   t0 = time.perf_counter()
-  round_fn = engine.jit(exp.algorithm.round, donate_argnums=0).lower(
+  round_fn = engine.jit(exp.algorithm.round, batched_clients=exp.mapping.batches_clients,
+                        donate_argnums=0).lower(
       state, exp.data, _round_key(config.seed, 0)).compile()
   compile_seconds = time.perf_counter() - t0
   logging.info('Round compiled in %.1f s.', compile_seconds)

@@ -203,7 +203,8 @@ def bench_setting(model_name: str, cohort: int, peak: float, rows: list[dict[str
     label += f', {impl}' if model_name != 'mlp' else ''
     try:
       t0 = time.perf_counter()
-      compiled = engine.jit(alg.round).lower(state, fd, key).compile()
+      compiled = engine.jit(alg.round, batched_clients=mapping.batches_clients).lower(
+          state, fd, key).compile()
       compile_s = time.perf_counter() - t0
       _, t, times = median_seconds(lambda: compiled(state, fd, key), _REPEATS.value)
     except jax.errors.JaxRuntimeError as e:  # e.g. a wide vmap running out of memory

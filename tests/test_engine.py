@@ -268,3 +268,7 @@ def test_masked_sgd_step_keeps_pruned_weights_zero(enforce):
                                jax.random.key(1))
   assert np.all(np.asarray(out['w'])[~np.asarray(mask['w'])] == 0.0)
   assert np.any(np.asarray(out['w'])[np.asarray(mask['w'])] != 0.05)  # kept weights train
+
+
+def test_vmapped_clients_compile_with_xla_defaults():
+  assert engine.compiler_options('cpu', batched_clients=True) == {}

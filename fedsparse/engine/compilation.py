@@ -2,10 +2,14 @@
 
 On XLA:CPU, jax 0.10 hands every convolution to YNNPACK (``ynn_fusion`` thunks). On this
 project's 2-core CPU machine those run a single Conv4/MNISTNet SGD step 20-25 % slower than
-XLA's own (Eigen) convolutions, whichever conv formulation the model uses; YNNPACK's matmuls,
-on the other hand, are fine. `CPU_COMPILER_OPTIONS` therefore keeps YNNPACK for individual dots
-only. Measured with `scripts/bench_round.py` (which also reports the Python-loop baseline
-compiled with these options, for transparency); on GPU/TPU no option is set.
+XLA's own (Eigen) convolutions, whichever conv formulation the model uses.
+`CPU_COMPILER_OPTIONS` therefore keeps YNNPACK for individual dots only. That is the right
+choice for clients that run one after another (convolutions: ``fwdconv``), but not for vmapped
+clients, whose convolutions are im2col matmuls (``matmul``): there XLA's default YNNPACK
+fusions are 2.2x faster (Conv4, 10 clients x 5 steps: 6.3 s vs 14.0 s per round), so
+``batched_clients=True`` keeps the defaults. Measured with `scripts/bench_round.py` (which also
+reports the Python-loop baseline compiled with these options, for transparency); on GPU/TPU no
+option is set.
 
 The option is experimental in XLA. If a jaxlib does not know it, `compiler_options` logs a
 warning once and returns no options rather than failing the run.
@@ -40,23 +44,28 @@ def _accepted(options: tuple[tuple[str, str], ...]) -> bool:
   return True
 
 
-def compiler_options(backend: str | None = None) -> dict[str, str]:
+def compiler_options(backend: str | None = None, *,
+                     batched_clients: bool = False) -> dict[str, str]:
   """The XLA compiler options fedsparse compiles with on ``backend``.
 
   Args:
     backend: ``'cpu'``, ``'gpu'``, ``'tpu'``...; defaults to `jax.default_backend()`.
+    batched_clients: whether clients run under ``vmap`` (`ClientMapping.batches_clients`),
+      i.e. with im2col convolutions on the CPU.
 
   Returns:
-    `CPU_COMPILER_OPTIONS` on the CPU backend (if this jaxlib accepts them), else ``{}``.
+    `CPU_COMPILER_OPTIONS` on the CPU backend for clients run one after another (if this
+    jaxlib accepts them), else ``{}``.
   """
   backend = backend or jax.default_backend()
-  if backend != 'cpu':
+  if backend != 'cpu' or batched_clients:
     return {}
   options = tuple(sorted(CPU_COMPILER_OPTIONS.items()))
   return dict(options) if _accepted(options) else {}
 
 
-def jit(fun: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
+def jit(fun: Callable[..., Any], *, batched_clients: bool = False,
+        **kwargs: Any) -> Callable[..., Any]:
   """`jax.jit` with `compiler_options` for the default backend added.
 
   Use it wherever fedsparse code runs on the device (the round, evaluation); for your own
@@ -64,6 +73,8 @@ def jit(fun: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
 
   Args:
     fun: the function to compile.
+    batched_clients: as for `compiler_options`; pass the round's
+      ``ClientMapping.batches_clients``.
     **kwargs: passed to `jax.jit` (``donate_argnums``, ``static_argnames``...); explicit
       ``compiler_options`` are merged over fedsparse's.
 
@@ -75,5 +86,6 @@ def jit(fun: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:
     >>> jit(lambda x: 2 * x)(jnp.ones(2))
     Array([2., 2.], dtype=float32)
   """
-  options = {**compiler_options(), **kwargs.pop('compiler_options', {})}
+  options = {**compiler_options(batched_clients=batched_clients),
+             **kwargs.pop('compiler_options', {})}
   return jax.jit(fun, compiler_options=options, **kwargs)
