@@ -99,6 +99,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
            f'dirichlet_alpha must be > 0, got {config.dirichlet_alpha}.')
   _require(config.lr_schedule in engine.LR_SCHEDULES,
            f'Unknown lr_schedule {config.lr_schedule!r}; valid: {", ".join(engine.LR_SCHEDULES)}.')
+  if config.lr_schedule == 'cosine':
+    _require(0 <= config.cosine_min_lr < config.learning_rate,
+             f'cosine_min_lr must be in [0, learning_rate), got {config.cosine_min_lr}.')
+    _require(config.local_steps == 0 or config.cosine_epochs > 0,
+             'lr_schedule=cosine with local_steps > 0 needs cosine_epochs > 0.')
   _require(config.server_optimizer in SERVER_OPTIMIZERS,
            f'Unknown server_optimizer {config.server_optimizer!r}; valid: '
            f'{", ".join(SERVER_OPTIMIZERS)}.')
@@ -170,6 +175,9 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   dummy = jnp.zeros((1,) + tuple(fed_data.input_shape), jnp.float32)
   params = jax.jit(model.init)(init_key, dummy)['params']
   algorithm = _build_algorithm(config, model.apply, mapping)
+  # Abstract init: checks that need the params' shapes (e.g. a density that keeps no weight)
+  # fail here, before the run writes anything.
+  jax.eval_shape(algorithm.init, init_key, params)
   evaluate = engine.make_evaluator(model.apply, config.eval_batch_size)
   return Experiment(config, fed_data, info, model, mapping, params, algorithm, evaluate)
 

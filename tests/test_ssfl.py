@@ -261,3 +261,35 @@ def test_run_bits_match_the_formula_exactly(tmp_path):
     assert row['cum_bits_up'] == n * 32 * p_prunable + t * per_round
     assert row['cum_bits_down'] == n * p_prunable + t * per_round
     assert abs(row['density'] - masks.keep_count(0.1, p_prunable) / p_prunable) < 1e-6
+
+
+def test_random_global_ignores_the_layerwise_allocation():
+  fd = tiny_federated(num_clients=6)
+  params = init_params()
+  states = []
+  for allocation in ('uniform', 'erk'):
+    alg = make_ssfl(density=0.3, mask='random_global', layerwise_allocation=allocation)
+    state, _ = jax.jit(alg.round)(alg.init(jax.random.key(0), params), fd, jax.random.key(1))
+    states.append(state)
+  chex.assert_trees_all_equal(states[0].mask, states[1].mask)
+
+
+def test_density_keeping_no_weight_fails_at_init():
+  alg = make_ssfl(density=1e-4)  # floor(1e-4 * 152) = 0
+  with pytest.raises(ValueError, match='keeps no weight'):
+    alg.init(jax.random.key(0), init_params())
+
+
+@pytest.mark.parametrize('mapping, expected', [
+    (engine.ClientMapping('vmap', chunk_size=5), engine.ClientMapping('chunked', chunk_size=5)),
+    (engine.ClientMapping('sharded', inner='vmap', chunk_size=5),
+     engine.ClientMapping('sharded', inner='chunked', chunk_size=5)),
+    (engine.ClientMapping('sequential'), engine.ClientMapping('sequential')),
+    (engine.ClientMapping('sharded', inner='sequential'),
+     engine.ClientMapping('sharded', inner='sequential')),
+])
+def test_scoring_never_vmaps_the_whole_population(mapping, expected):
+  from fedsparse.algorithms import ssfl as ssfl_module  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  module = sys.modules[ssfl_module.__module__]
+  assert module._scoring_mapping(mapping) == expected  # pylint: disable=protected-access

@@ -122,6 +122,9 @@ def test_same_seed_same_metrics_and_resume_matches(tmp_path):
     ({'algorithm': 'ssfl', 'warmup_rounds': 500}, 'warmup_rounds must be in'),
     ({'lr_schedule': 'step'}, 'valid: constant, cosine'),
     ({'server_optimizer': 'adam'}, 'valid: auto, sgd, momentum'),
+    ({'algorithm': 'ssfl', 'density': 1e-9}, 'keeps no weight'),
+    ({'lr_schedule': 'cosine', 'local_steps': 3}, 'needs cosine_epochs'),
+    ({'lr_schedule': 'cosine', 'cosine_min_lr': 1.0}, 'cosine_min_lr must be in'),
 ])
 def test_bad_input_fails_before_anything_is_written(override, message, tmp_path):
   config = load_config('digits_fedavg')

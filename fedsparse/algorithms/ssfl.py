@@ -28,7 +28,9 @@ float32 scores (32 bits per prunable weight) and downloads the mask (1 bit per p
 these population-wide one-time costs are reported as ``bits_up_all`` / ``bits_down_all`` (one
 entry per client). With ``warmup_rounds > 0`` scoring happens at the current, trained weights,
 which every client must first download (32 bits per parameter, counted); at round 0 the weights
-are w0, which clients rebuild from the shared seed for free. Each training round the cohort
+are w0, which clients rebuild from the shared seed for free. The cohort's usual download of the
+kept weights in the scoring round is counted as in any other round (conservatively: w0 is
+free). Each training round the cohort
 exchanges 32 bits per kept weight plus the dense non-prunable parameters, both ways: positions
 cost nothing because both sides hold ``m``. Warm-up rounds are dense.
 
@@ -59,7 +61,7 @@ from fedsparse import masks
 from fedsparse.algorithms.fedavg import fedavg_round_core
 from fedsparse.data import FederatedData
 from fedsparse.engine import (ENFORCEMENTS, Algorithm, ClientMapping, CohortConfig, LocalConfig,
-                              gather_batch, make_schedule, sum_clients)
+                              default_strategy, gather_batch, make_schedule, sum_clients)
 
 __all__ = ['MASKS', 'SCORES', 'WEIGHTINGS', 'SSFLState', 'population_saliency', 'ssfl']
 
@@ -155,9 +157,17 @@ def population_saliency(apply_fn: Callable[..., jax.Array], params: Any, data: F
 
 
 def _scoring_mapping(mapping: ClientMapping) -> ClientMapping:
-  """``mapping`` with an unbounded ``vmap`` over the population replaced by ``chunked``."""
-  if mapping.resolved() == 'vmap':
+  """``mapping`` with an unbounded ``vmap`` over the population replaced by ``chunked``.
+
+  Also for ``sharded``, whose devices would otherwise each vmap their whole share.
+  """
+  strategy = mapping.resolved()
+  if strategy == 'vmap':
     return ClientMapping('chunked', chunk_size=mapping.chunk_size)
+  if strategy == 'sharded':
+    inner = default_strategy() if mapping.inner == 'auto' else mapping.inner
+    if inner == 'vmap':
+      return ClientMapping('sharded', chunk_size=mapping.chunk_size, inner='chunked')
   return mapping
 
 
@@ -188,7 +198,7 @@ def ssfl(apply_fn: Callable[..., jax.Array], *, density: float, cohort: CohortCo
     saliency_batches: minibatches each client scores on.
     saliency_weighting: one of `WEIGHTINGS`.
     layerwise_allocation: per-layer densities of ``'random_layerwise'``
-      (`fedsparse.masks.ALLOCATIONS`).
+      (`fedsparse.masks.ALLOCATIONS`); unused by the other masks.
     enforce: one of `fedsparse.engine.ENFORCEMENTS`.
     warmup_rounds: dense FedAvg rounds before scoring.
 
@@ -215,7 +225,11 @@ def ssfl(apply_fn: Callable[..., jax.Array], *, density: float, cohort: CohortCo
 
   def init(key: jax.Array, params: Any) -> SSFLState:
     del key  # the mask is drawn in the scoring round, from that round's key
-    masks.prunable_leaves(params, prunable)  # fail fast on a model with nothing to prune
+    prunable_ = masks.prunable_leaves(params, prunable)  # fails on nothing to prune
+    p_prunable = masks.num_prunable(params, prunable_)
+    if masks.keep_count(density, p_prunable) < 1:
+      raise ValueError(f'density {density} keeps no weight of the {p_prunable} prunable ones; '
+                       f'use at least {1 / p_prunable:.2g}.')
     return SSFLState(params=params, opt_state=server_optimizer.init(params),
                      mask=masks.ones_like(params), round=jnp.zeros((), jnp.int32))
 
@@ -226,8 +240,9 @@ def ssfl(apply_fn: Callable[..., jax.Array], *, density: float, cohort: CohortCo
           num_batches=saliency_batches, score=score, weighting=saliency_weighting,
           mapping=scoring_mapping)
       return masks.global_topk(scores, prunable_, density, ties)
-    scope = 'global' if mask == 'random_global' else 'layerwise'
-    return masks.random_mask(key, params, prunable_, density, scope, layerwise_allocation)
+    if mask == 'random_global':
+      return masks.random_mask(key, params, prunable_, density, 'global')
+    return masks.random_mask(key, params, prunable_, density, 'layerwise', layerwise_allocation)
 
   def round_fn(state: SSFLState, data: FederatedData, key: jax.Array
                ) -> tuple[SSFLState, dict[str, jax.Array]]:

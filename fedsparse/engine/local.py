@@ -97,6 +97,12 @@ class LocalConfig:
                        f'{", ".join(LR_SCHEDULES)}.')
     if self.cosine_epochs < 0:
       raise ValueError(f'cosine_epochs must be >= 0, got {self.cosine_epochs}.')
+    if self.cosine_min_lr < 0:
+      raise ValueError(f'cosine_min_lr must be >= 0, got {self.cosine_min_lr}.')
+    if self.lr_schedule == 'cosine' and self.local_steps > 0 and self.cosine_epochs == 0:
+      # The default period, local_epochs, means nothing in fixed-steps mode.
+      raise ValueError('lr_schedule=cosine with local_steps > 0 needs cosine_epochs > 0 (the '
+                       'period in epochs of ceil(n_k / batch_size) steps).')
 
   def num_steps(self, max_client_size: int) -> int:
     """The static number of scan steps every client runs."""

@@ -175,11 +175,12 @@ def _sum_local(strategy: str, fn: Callable[..., Any], shared: Any, xs: tuple[Any
     chunks = jax.tree.map(lambda x: x.reshape((-1, chunk_size) + x.shape[1:]), (xs, valid))
     chunk_sum = lambda c: jax.tree.map(lambda o: jnp.sum(o, axis=0), jax.vmap(one)(*c))
   # The scan carries only the running sum: memory holds one client's (one chunk's) outputs,
-  # whatever the number of clients.
+  # whatever the number of clients. It starts from zeros shaped by an abstract evaluation, so
+  # the client function is compiled once (inside the scan), not twice.
   first = jax.tree.map(lambda x: x[0], chunks)
-  rest = jax.tree.map(lambda x: x[1:], chunks)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(chunk_sum, first))
   total, _ = jax.lax.scan(
-      lambda acc, c: (jax.tree.map(jnp.add, acc, chunk_sum(c)), None), chunk_sum(first), rest)
+      lambda acc, c: (jax.tree.map(jnp.add, acc, chunk_sum(c)), None), zeros, chunks)
   return total
 
 
