@@ -249,10 +249,16 @@ def ssfl(apply_fn: Callable[..., jax.Array], *, density: float, cohort: CohortCo
     mask_key, train_key = jax.random.split(key)
     prunable_ = masks.prunable_leaves(state.params, prunable)
     scoring = state.round == warmup_rounds
-    mask_ = jax.lax.cond(scoring, lambda: make_mask(state.params, data, mask_key, prunable_),
-                         lambda: state.mask)
-    params, opt_state, metrics = core(masks.apply(state.params, mask_), state.opt_state,
-                                      state.round, data, train_key, mask=mask_)
+
+    def score():
+      new_mask = make_mask(state.params, data, mask_key, prunable_)
+      return new_mask, masks.apply(state.params, new_mask)
+
+    # After scoring, the params are already masked (the core re-masks after every update), so
+    # only the scoring round applies the mask to them.
+    mask_, params = jax.lax.cond(scoring, score, lambda: (state.mask, state.params))
+    params, opt_state, metrics = core(params, state.opt_state, state.round, data, train_key,
+                                      mask=mask_)
 
     # Training traffic: kept prunable values + dense non-prunable leaves (mask all True there).
     bits = comm.known_positions_bits(mask_)
