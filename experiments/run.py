@@ -4,11 +4,14 @@ Usage::
 
   python -m experiments.run --config=experiments/configs/digits_fedavg.py --workdir=/tmp/run
   python -m experiments.run --config=experiments/configs/mnist_fedavg.py:smoke --workdir=/tmp/s
-  python -m experiments.run --config=experiments/configs/mnist_fedavg.py \\
-      --config.dataset=npz:../shared/data/mnist.npz --config.num_rounds=50 --workdir=/tmp/mnist
+  python -m experiments.run --config=experiments/configs/mnist_ssfl.py \\
+      --config.dataset=npz:../shared/data/mnist.npz --config.ssfl.density=0.1 --workdir=/tmp/m
 
-``:smoke`` makes any experiment tiny; ``--config.KEY=VALUE`` overrides any key.
+``:smoke`` makes any experiment tiny; ``--config.KEY=VALUE`` overrides a shared key and
+``--config.ALGORITHM.KEY=VALUE`` one of the algorithm's own (e.g. ``--config.ssfl.density``).
 """
+
+import sys
 
 from absl import app
 from absl import flags
@@ -24,6 +27,43 @@ _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for config.json, metr
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def _unknown_override(argv: list[str]) -> str | None:
+  """A one-line message for the first ``--config.a.b=v`` whose key the config lacks, if any."""
+  config_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  if config_arg is None:
+    return None
+  path, _, arg = config_arg.partition(':')
+  try:
+    module = config_flags.config_flags._LoadConfigModule('config', path)  # pylint: disable=protected-access
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except -- absl reports a broken config file itself
+    return None
+  for a in argv:
+    if not a.startswith('--config.'):
+      continue
+    keys = a[len('--config.'):].split('=', 1)[0].split('.')
+    node, where = config, 'the config'
+    for i, key in enumerate(keys):
+      if not hasattr(node, 'keys') or key not in node:
+        valid = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else 'none'
+        return (f'Unknown config key {".".join(keys[:i + 1])!r} in {where}; valid keys there: '
+                f'{valid}.')
+      node, where = node[key], f'section {".".join(keys[:i + 1])!r}'
+  return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    message = _unknown_override(argv)
+    if message is None:
+      raise
+    del e
+    print(f'FATAL: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.INFO)
@@ -36,4 +76,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

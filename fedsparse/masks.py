@@ -8,7 +8,9 @@ are prunable, and masks aggregate, compare and travel leaf by leaf like the para
 Which leaves are prunable is a separate, static pytree of Python bools of the same structure
 (:func:`prunable_leaves`). It is never traced: every count it implies (how many entries a layer
 keeps) is a Python int computed from shapes, so the selections below compile once under
-``jax.jit`` with static ``k``.
+``jax.jit`` with static ``k``. The dynamic-sparse-training operations (FedDST, FLASH) instead take
+their counts as traced int32 scalars: the number of weights to prune and regrow anneals from round
+to round, and a static count would recompile the round every time it changed.
 
 The density budget ``d`` always refers to the prunable entries only: a mask of density ``d`` keeps
 ``keep_count(d, P)`` of the ``P`` prunable entries, plus every non-prunable one.
@@ -24,6 +26,16 @@ Building blocks:
 * :func:`global_topk` / :func:`layerwise_topk` -- one top-k over all prunable entries, or one per
   layer.
 * :func:`random_mask` -- uniformly random masks of exact size (the usual sparse initialisation).
+
+Dynamic sparse training (every count traced, every selection exact, ties broken by index):
+
+* :func:`topk_traced` / :func:`layerwise_topk_traced` -- top-k with a traced ``k``.
+* :func:`prune_smallest` -- drop the ``n_l`` smallest-magnitude active entries of each layer.
+* :func:`regrow` -- activate ``n_l`` inactive entries per layer, by score (RigL's gradient
+  magnitude) or uniformly at random (SET); :func:`zero_regrown` and :func:`reset_moments` then
+  start the regrown weights and their optimizer moments at 0.
+* :func:`masked_weighted_mean` -- aggregate sparse client models entry by entry, over the clients
+  that hold each entry.
 
 Example::
 
@@ -44,6 +56,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 __all__ = [
     'ALLOCATIONS',
@@ -56,12 +69,20 @@ __all__ = [
     'density',
     'num_prunable',
     'layer_counts',
+    'layer_count_tree',
     'keep_count',
     'allocate_densities',
     'topk_mask',
     'global_topk',
     'layerwise_topk',
     'random_mask',
+    'topk_traced',
+    'layerwise_topk_traced',
+    'prune_smallest',
+    'regrow',
+    'zero_regrown',
+    'reset_moments',
+    'masked_weighted_mean',
 ]
 
 ALLOCATIONS = ('uniform', 'erk')
@@ -155,6 +176,59 @@ def _flat_topk(flat: jax.Array, k: int, ties: str) -> jax.Array:
   return jnp.zeros((n,), jnp.bool_).at[order[:k]].set(True)
 
 
+def _leaves_like(tree: Any, treedef: Any, name: str) -> list[Any]:
+  """Leaves of ``tree``, which must have the structure ``treedef`` (raises with both if not)."""
+  leaves, tdef = jax.tree.flatten(tree)
+  if tdef != treedef:
+    raise ValueError(f'{name} must have the structure of the params and mask: {tdef} vs '
+                     f'{treedef}.')
+  return leaves
+
+
+def _as_count(n: Any, name: str) -> jax.Array:
+  """An integer scalar (Python int, array or tracer) as an int32 scalar.
+
+  Only the dtype and shape are checked, both static, so a traced count passes through ``jax.jit``.
+  """
+  n = jnp.asarray(n)
+  # issubdtype(bool, integer) is False: a stray True is not a count of 1.
+  if n.ndim != 0 or not jnp.issubdtype(n.dtype, jnp.integer):
+    raise ValueError(f'{name} must be an integer scalar, got {n.dtype} of shape {n.shape}.')
+  return n.astype(jnp.int32)
+
+
+def _count_leaves(counts: Any, treedef: Any, flags: list[bool], name: str) -> list[Any]:
+  """Per-leaf int32 counts from one integer or a pytree of them; None at non-prunable leaves."""
+  cdef = jax.tree.structure(counts)
+  if cdef == treedef:
+    leaves = jax.tree.leaves(counts)
+  elif jax.tree_util.treedef_is_leaf(cdef):
+    leaves = [counts] * treedef.num_leaves
+  else:
+    raise ValueError(f'{name} must be an integer or have the structure of the params and mask: '
+                     f'{cdef} vs {treedef}.')
+  return [_as_count(c, name) if f else None for c, f in zip(leaves, flags)]
+
+
+def _flat_ranks(flat: jax.Array, eligible: jax.Array | None = None) -> jax.Array:
+  """Each entry's position (int32) in the descending order of a 1-D array, ties by index.
+
+  NaN ranks below every number. With a boolean ``eligible`` the eligible entries come first, in
+  descending order among themselves: they take ranks ``0 .. E - 1``, so ``rank < k`` with
+  ``k <= E`` selects the ``k`` largest eligible entries and nothing else, whatever the scores of
+  the others (even NaN eligible scores stay ahead of every ineligible one).
+  """
+  n = flat.shape[0]
+  iota = jnp.arange(n, dtype=jnp.int32)
+  # The index as the last key makes the order total, so no stability is needed for the ties.
+  keys = (_descending_key(flat), iota)
+  if eligible is not None:
+    keys = (jnp.logical_not(eligible),) + keys  # False sorts first.
+  order = jax.lax.sort(keys, num_keys=len(keys))[-1]
+  # Invert the permutation: the entry at order[r] has rank r.
+  return jnp.zeros((n,), jnp.int32).at[order].set(iota, unique_indices=True)
+
+
 # --------------------------------------------------------------------------------------------------
 # Structure and bookkeeping.
 
@@ -220,6 +294,26 @@ def num_prunable(params: Any, prunable: Any) -> int:
 def density(mask: Any, prunable: Any) -> jax.Array:
   """Fraction of the prunable entries that ``mask`` keeps, a float32 scalar."""
   return count(mask, prunable).astype(jnp.float32) / jnp.float32(num_prunable(mask, prunable))
+
+
+def layer_count_tree(mask: Any, prunable: Any) -> Any:
+  """Active entries per prunable leaf, as a pytree of int32 scalars (traced under ``jax.jit``).
+
+  Unlike :func:`layer_counts` (static keep counts from shapes), this counts a concrete mask, e.g.
+  to turn a prune fraction into per-layer counts for :func:`prune_smallest` and :func:`regrow`.
+
+  Args:
+    mask: a bool mask pytree.
+    prunable: the prunable flags (see :func:`prunable_leaves`).
+
+  Returns:
+    A pytree with the structure of ``mask``: each prunable leaf's number of True entries, and 0 at
+    non-prunable leaves (so the leaves sum to ``count(mask, prunable)``).
+  """
+  leaves, flags, treedef = _prunable_flags(mask, prunable)
+  return jax.tree_util.tree_unflatten(treedef, [
+      jnp.sum(m, dtype=jnp.int32) if f else jnp.zeros((), jnp.int32)
+      for m, f in zip(leaves, flags)])
 
 
 def keep_count(density: float, n: int) -> int:
@@ -462,3 +556,245 @@ def random_mask(key: jax.Array, params: Any, prunable: Any, density: float,
     return global_topk(scores, prunable, density)
   densities = allocate_densities(params, prunable, density, method=allocation)
   return layerwise_topk(scores, prunable, densities)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dynamic sparse training: traced counts.
+
+
+def topk_traced(scores: jax.Array, k: Any) -> jax.Array:
+  """The ``k`` largest entries of ``scores`` for a traced ``k``, as a boolean array.
+
+  Every entry gets its rank in the descending order (ties by flat index, the lower index first;
+  NaN below every number) and the mask is ``rank < k``: the shapes never depend on ``k``, so one
+  compilation serves every ``k``, and ``jax.vmap`` maps over a batch of arrays and counts.
+
+  Args:
+    scores: any real (or bool) array.
+    k: an integer scalar, traced or not; clipped to ``[0, scores.size]``.
+
+  Returns:
+    A bool array shaped like ``scores`` with exactly ``clip(k, 0, scores.size)`` True entries, the
+    same as ``topk_mask(scores, k)`` for a static ``k``.
+
+  Raises:
+    ValueError: when ``k`` is not an integer scalar.
+
+  Example::
+
+    >>> import jax, jax.numpy as jnp
+    >>> s = jnp.array([3.0, 1.0, 3.0, 2.0])
+    >>> jax.jit(topk_traced)(s, jnp.int32(3)).tolist()
+    [True, False, True, True]
+    >>> jax.vmap(topk_traced)(jnp.stack([s, -s]), jnp.array([1, 2])).tolist()
+    [[True, False, False, False], [False, True, False, True]]
+  """
+  scores = jnp.asarray(scores)
+  k = jnp.clip(_as_count(k, 'k'), 0, scores.size)
+  return (_flat_ranks(scores.reshape(-1)) < k).reshape(scores.shape)
+
+
+def layerwise_topk_traced(scores: Any, prunable: Any, counts: Any) -> Any:
+  """A separate top-k in every prunable leaf, with traced per-leaf counts.
+
+  Args:
+    scores: a pytree shaped like the params; values at non-prunable leaves are ignored.
+    prunable: the prunable flags (see :func:`prunable_leaves`).
+    counts: one integer for every prunable leaf, or a pytree of integer scalars with the structure
+      of ``scores`` (e.g. :func:`layer_counts` or :func:`layer_count_tree`); only the prunable
+      leaves are read. Each is clipped to its leaf's size.
+
+  Returns:
+    A bool mask pytree keeping exactly the clipped count in every prunable leaf (as
+    :func:`topk_traced`); non-prunable leaves all True.
+  """
+  leaves, flags, treedef = _prunable_flags(scores, prunable)
+  ks = _count_leaves(counts, treedef, flags, 'counts')
+  out = [topk_traced(s, k) if f else jnp.ones(_shape(s), jnp.bool_)
+         for s, f, k in zip(leaves, flags, ks)]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def prune_smallest(params: Any, mask: Any, n: Any, prunable: Any) -> Any:
+  """Drops the ``n_l`` smallest-magnitude active entries of every prunable leaf.
+
+  The magnitude-pruning step of RigL, SET, FedDST and FLASH. Only active entries are candidates:
+  a pruned weight is usually already 0 and would otherwise be "pruned" again, keeping the count.
+
+  Args:
+    params: the parameter pytree; ``|w|`` ranks the entries (NaN below every number, so pruned
+      first).
+    mask: the current bool mask pytree, shaped like ``params``.
+    n: how many entries to drop: one integer for every prunable leaf, or a pytree of integer
+      scalars shaped like ``params`` (only prunable leaves are read); traced values are fine. Each
+      is clipped to ``[0, active_l]``, the leaf's number of active entries.
+    prunable: the prunable flags (see :func:`prunable_leaves`).
+
+  Returns:
+    The new mask: every prunable leaf keeps exactly ``active_l - clip(n_l, 0, active_l)`` entries,
+    the largest-magnitude active ones; among equal magnitudes the higher flat index is dropped
+    first (the lower index survives, as in :func:`topk_mask`). Non-prunable leaves are unchanged.
+  """
+  ws, flags, treedef = _prunable_flags(params, prunable)
+  ms = _leaves_like(mask, treedef, 'mask')
+  ns = _count_leaves(n, treedef, flags, 'n')
+  out = []
+  for w, m, f, n_l in zip(ws, ms, flags, ns):
+    if not f:
+      out.append(m)
+      continue
+    active = m.reshape(-1)
+    n_active = jnp.sum(active, dtype=jnp.int32)
+    keep = n_active - jnp.clip(n_l, 0, n_active)
+    # Active entries take ranks 0 .. n_active - 1 by descending |w|: keeping the first `keep`
+    # drops the smallest and never revives an inactive entry.
+    rank = _flat_ranks(jnp.abs(w).reshape(-1), eligible=active)
+    out.append((rank < keep).reshape(m.shape))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def regrow(mask: Any, n: Any, prunable: Any, *, scores: Any = None, key: jax.Array | None = None,
+           exclude: Any = None) -> tuple[Any, Any]:
+  """Activates ``n_l`` inactive entries in every prunable leaf, by score or at random.
+
+  The growth step of dynamic sparse training: RigL and FedDST grow the largest gradient
+  magnitudes (``scores``), SET grows uniformly at random (``key``).
+
+  Args:
+    mask: the current bool mask pytree.
+    n: how many entries to activate: one integer for every prunable leaf, or a pytree of integer
+      scalars shaped like ``mask`` (only prunable leaves are read); traced values are fine. Each is
+      clipped to ``[0, c_l]``, the leaf's number of candidates.
+    prunable: the prunable flags (see :func:`prunable_leaves`).
+    scores: a pytree shaped like ``mask`` (e.g. ``|gradient|``): the largest candidate scores grow,
+      ties by flat index (the lower index first), NaN last.
+    key: a PRNG key: the candidates grow uniformly at random (every subset of size ``n_l`` equally
+      likely, up to ties between 32-bit random draws, which are resolved by index).
+    exclude: an optional bool pytree shaped like ``mask``; True entries are not candidates (e.g.
+      the entries just pruned, so that a round does not regrow what it dropped).
+
+  Returns:
+    ``(new_mask, grown)``: ``grown`` marks the newly activated entries (exactly
+    ``clip(n_l, 0, c_l)`` per prunable leaf, none elsewhere), ``new_mask = mask | grown``. The
+    candidates ``c_l`` are the entries inactive in ``mask`` and not in ``exclude``.
+
+  Raises:
+    ValueError: unless exactly one of ``scores`` and ``key`` is given.
+  """
+  if (scores is None) == (key is None):
+    raise ValueError('regrow needs exactly one of scores (grow the largest) and key (grow at '
+                     'random).')
+  ms, flags, treedef = _prunable_flags(mask, prunable)
+  ns = _count_leaves(n, treedef, flags, 'n')
+  excl = [None] * len(ms) if exclude is None else _leaves_like(exclude, treedef, 'exclude')
+  if scores is None:
+    # One key per leaf keeps the leaves independent (as in random_mask). Random bits ranked by
+    # the top-k give a uniform subset; 32 bits rather than a float32 uniform (23 bits) make the
+    # ties resolved by index rarer.
+    keys = jax.random.split(key, len(ms))
+    ss = [jax.random.bits(k, _shape(m), jnp.uint32) if f else None
+          for k, m, f in zip(keys, ms, flags)]
+  else:
+    ss = _leaves_like(scores, treedef, 'scores')
+  new, grown = [], []
+  for m, f, n_l, e, s in zip(ms, flags, ns, excl, ss):
+    if not f:
+      new.append(m)
+      grown.append(jnp.zeros(_shape(m), jnp.bool_))
+      continue
+    candidate = jnp.logical_not(m)
+    if e is not None:
+      candidate = candidate & jnp.logical_not(e)
+    candidate = candidate.reshape(-1)
+    n_l = jnp.clip(n_l, 0, jnp.sum(candidate, dtype=jnp.int32))
+    g = (_flat_ranks(jnp.asarray(s).reshape(-1), eligible=candidate) < n_l).reshape(m.shape)
+    new.append(m | g)
+    grown.append(g)
+  return (jax.tree_util.tree_unflatten(treedef, new),
+          jax.tree_util.tree_unflatten(treedef, grown))
+
+
+def zero_regrown(params: Any, grown: Any) -> Any:
+  """The params with the regrown entries set to exactly 0 (a regrown weight starts from 0).
+
+  Args:
+    params: the parameter pytree.
+    grown: a bool pytree shaped like ``params`` (the second output of :func:`regrow`).
+
+  Returns:
+    ``params`` with every True entry of ``grown`` zeroed; other entries and dtypes unchanged.
+  """
+  return jax.tree.map(lambda w, g: jnp.where(g, jnp.zeros_like(w), w), params, grown)
+
+
+def reset_moments(optimizer: optax.GradientTransformation, opt_state: Any, grown: Any) -> Any:
+  """Zeroes the optimizer's per-parameter state at the regrown entries.
+
+  A regrown weight restarts from 0, and so must its momentum and Adam moments: the stale ones
+  belong to the weight pruned there before (or to nothing) and would kick it on the first step.
+
+  The params-shaped parts of the state are found by ``optax.tree_utils.tree_map_params``, which
+  re-runs ``optimizer.init`` on a placeholder: this covers SGD's ``trace``, Adam's ``mu`` and
+  ``nu``, ``optax.chain`` and ``optax.inject_hyperparams`` alike, and leaves step counts and
+  hyperparameters alone. (``optax.masked`` states, whose params-shaped parts hold
+  ``optax.MaskedNode`` leaves, are not supported.)
+
+  Args:
+    optimizer: the optax transformation that made ``opt_state``.
+    opt_state: its state.
+    grown: a bool pytree shaped like the params (the second output of :func:`regrow`).
+
+  Returns:
+    ``opt_state`` with every params-shaped leaf zeroed where ``grown`` is True.
+  """
+  return optax.tree_utils.tree_map_params(
+      optimizer, lambda x, g: jnp.where(g, jnp.zeros_like(x), x), opt_state, grown)
+
+
+def masked_weighted_mean(trees: Any, masks: Any, weights: jax.Array) -> Any:
+  """Entry-wise weighted mean over a leading client axis, over the clients holding each entry.
+
+  For every entry, ``sum_k a_k m_k x_k / sum_k a_k m_k`` (FedDST's and FLASH's sparse
+  aggregation): a client contributes only where its mask is True, and the result is exactly 0
+  where no client with positive weight holds the entry. Masked-out values never enter the sums,
+  not even as ``0 * x`` (which would turn an inf or NaN there into NaN).
+
+  Args:
+    trees: a pytree whose leaves have a leading client axis of size ``K``.
+    masks: a bool pytree of the same structure and shapes.
+    weights: the ``K`` client weights ``a_k`` (e.g. sample counts); a client of weight <= 0
+      counts as holding nothing.
+
+  Returns:
+    A pytree with the structure of ``trees`` and the client axis reduced; every leaf keeps its
+    dtype (the sums run in float32 for narrower leaves, in the leaf's dtype otherwise).
+
+  Raises:
+    ValueError: when ``weights`` is not 1-D or a leaf's leading axis or mask shape disagrees.
+  """
+  weights = jnp.asarray(weights)
+  if weights.ndim != 1:
+    raise ValueError(f'weights must be 1-D (one per client), got shape {weights.shape}.')
+  k = weights.shape[0]
+
+  def mean(x, m):
+    x, m = jnp.asarray(x), jnp.asarray(m)
+    if x.shape[:1] != (k,) or m.shape != x.shape:
+      raise ValueError(f'Every leaf needs a leading client axis of {k} and a mask of its shape, '
+                       f'got {x.shape} and a mask of {m.shape}.')
+    # Sum in float32 at least: bfloat16 sums of many clients lose the weights' precision (and
+    # strict promotion has no bfloat16 + float32 rule to lean on).
+    wide = jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits >= 32
+    dtype = x.dtype if wide else jnp.dtype(jnp.float32)
+    # Same rank as x: strict rank promotion allows broadcasting its size-1 axes.
+    a = weights.astype(dtype).reshape((k,) + (1,) * (x.ndim - 1))
+    zero = jnp.zeros((), dtype)
+    # A zero-weight client counts as not holding the entry: 0 * inf would still be NaN.
+    use = m.astype(jnp.bool_) & (a > zero)
+    num = jnp.sum(jnp.where(use, a * x.astype(dtype), zero), axis=0)
+    den = jnp.sum(jnp.where(use, a, zero), axis=0)
+    covered = den > zero
+    return jnp.where(covered, num / jnp.where(covered, den, jnp.ones((), dtype)), zero
+                     ).astype(x.dtype)
+
+  return jax.tree.map(mean, trees, masks)

@@ -1,11 +1,19 @@
-"""The run loop: build an experiment from a flat config, run its rounds, log and checkpoint.
+"""The run loop: build an experiment from a config, run its rounds, log and checkpoint.
 
 The jitted round does all the numerical work; this loop only evaluates, writes
 ``metrics.jsonl`` (one complete JSON line per round), checkpoints with orbax, and shows progress
-with an ETA. A run killed mid-way resumes from its last checkpoint to the same numbers as an
-uninterrupted run: round ``t``'s PRNG key is ``fold_in(key, t)``, independent of history.
+with an ETA. It holds no code for any particular algorithm: it builds the one the config names
+through `fedsparse.algorithms.registry`.
 
-Config keys (flat; see ``experiments/configs`` for complete examples): ``algorithm``, ``dataset``,
+Key streams, all from ``root = key(seed)``: model init ``fold_in(root, 0)``; round ``t``
+``fold_in(fold_in(root, 1), t)`` (inside it, `fedsparse.engine.draw_cohort` separates the
+cohort, the clients and the server); algorithm init ``fold_in(root, 2)``; the evaluation after
+round ``t`` ``fold_in(fold_in(root, 3), t)``. Every key depends on (seed, t) only, so a run
+killed mid-way resumes from its last checkpoint to the same numbers as an uninterrupted run, and
+every algorithm at the same seed trains the same cohorts.
+
+Config keys. Shared keys are flat (see ``experiments/configs`` for complete examples):
+``algorithm``, ``dataset``,
 ``data_dir``, ``model``, ``conv_impl``, ``partition``, ``dirichlet_alpha``,
 ``classes_per_client``, ``shards_per_client``, ``num_clients``, ``clients_per_round``,
 ``sample_with_replacement``, ``weighted_aggregation``, ``num_rounds``, ``local_epochs``,
@@ -13,9 +21,11 @@ Config keys (flat; see ``experiments/configs`` for complete examples): ``algorit
 ``weight_decay``, ``clip_norm``, ``lr_schedule``, ``cosine_epochs``, ``cosine_min_lr``,
 ``server_optimizer``, ``server_learning_rate``,
 ``server_momentum``, ``strategy``, ``chunk_size``, ``eval_every``, ``eval_batch_size``,
-``checkpoint_every``, ``seed``; for ``ssfl`` also ``density``, ``mask``, ``ties``,
-``saliency_score``, ``saliency_batches``, ``saliency_weighting``, ``layerwise_allocation``,
-``mask_enforcement``, ``warmup_rounds``.
+``checkpoint_every``, ``seed``, ``partial_batches``, ``size_groups``. An algorithm's own
+hyperparameters live in a section named after it, with the fields of its registered dataclass
+(e.g. ``config.ssfl.density``; `fedsparse.algorithms.SSFLConfig`). A section may be left out
+(the paper's defaults apply); a non-empty section of another algorithm, or a key the section's
+dataclass lacks, is an error naming the valid keys.
 """
 
 import dataclasses
@@ -36,16 +46,16 @@ import optax
 from fedsparse import algorithms
 from fedsparse import data as data_lib
 from fedsparse import engine
-from fedsparse import masks
 from fedsparse import models
 
-__all__ = ['Experiment', 'build_experiment', 'run', 'validate_config']
+__all__ = ['Experiment', 'algorithm_hparams', 'build_experiment', 'run', 'validate_config']
 
 # Server optimizer: 'auto' = what the algorithm's paper uses (FedAvgM: momentum; else SGD).
 SERVER_OPTIMIZERS = ('auto', 'sgd', 'momentum')
 # Per-client metrics; scalar metrics other than these go into metrics.jsonl as they are.
 _VECTOR_METRICS = ('client_loss', 'clients', 'bits_up', 'bits_down', 'bits_up_all',
                    'bits_down_all')
+_PAYLOAD_PREFIX = engine.algorithm.PAYLOAD_PREFIX
 
 METRICS_FILE = 'metrics.jsonl'
 CONFIG_FILE = 'config.json'
@@ -59,6 +69,7 @@ class Experiment:
   data: data_lib.FederatedData
   partition_info: Any
   model: Any
+  hparams: Any
   mapping: engine.ClientMapping
   params: Any
   algorithm: engine.Algorithm
@@ -72,8 +83,7 @@ def _require(cond: bool, message: str) -> None:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails fast, before any data is loaded or anything compiles, on a bad config."""
-  _require(config.algorithm in algorithms.ALGORITHMS,
-           f'Unknown algorithm {config.algorithm!r}; valid: {", ".join(algorithms.ALGORITHMS)}.')
+  algorithms.registry.get(config.algorithm)  # fails with the valid names
   _require(config.model in models.MODELS,
            f'Unknown model {config.model!r}; valid: {", ".join(models.MODELS)}.')
   _require(config.partition in data_lib.PARTITIONERS,
@@ -107,28 +117,57 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(config.server_optimizer in SERVER_OPTIMIZERS,
            f'Unknown server_optimizer {config.server_optimizer!r}; valid: '
            f'{", ".join(SERVER_OPTIMIZERS)}.')
-  if config.algorithm == 'ssfl':
-    _require(0 < config.density <= 1, f'density must be in (0, 1], got {config.density}.')
-    for key, valid in (('mask', algorithms.SSFL_MASKS), ('ties', masks.TIES),
-                       ('saliency_score', algorithms.SALIENCY_SCORES),
-                       ('saliency_weighting', algorithms.SALIENCY_WEIGHTINGS),
-                       ('layerwise_allocation', masks.ALLOCATIONS),
-                       ('mask_enforcement', engine.ENFORCEMENTS)):
-      _require(config[key] in valid,
-               f'Unknown {key} {config[key]!r}; valid: {", ".join(valid)}.')
-    _require(isinstance(config.saliency_batches, int) and config.saliency_batches > 0,
-             f'saliency_batches must be a positive integer, got {config.saliency_batches!r}.')
-    _require(isinstance(config.warmup_rounds, int) and 0 <= config.warmup_rounds
-             < config.num_rounds, f'warmup_rounds must be in [0, num_rounds), got '
-             f'{config.warmup_rounds!r}.')
+  _require(config.partial_batches in engine.PARTIAL_BATCHES,
+           f'Unknown partial_batches {config.partial_batches!r}; valid: '
+           f'{", ".join(engine.PARTIAL_BATCHES)}.')
+  _require(isinstance(config.size_groups, int) and config.size_groups > 0,
+           f'size_groups must be a positive integer, got {config.size_groups!r}.')
+  hparams = algorithm_hparams(config)
+  spec = algorithms.registry.get(config.algorithm)
+  if spec.check is not None:
+    spec.check(hparams, config)  # the algorithm's checks against the shared keys
   _require(config.sample_with_replacement or config.clients_per_round <= config.num_clients,
            f'clients_per_round ({config.clients_per_round}) exceeds num_clients '
            f'({config.num_clients}); lower it or set sample_with_replacement=True.')
 
 
-def _build_algorithm(config: ml_collections.ConfigDict, apply_fn: Any,
+def algorithm_hparams(config: ml_collections.ConfigDict) -> Any:
+  """The algorithm's hyperparameters from its config section (defaults where it is absent).
+
+  Raises:
+    ValueError: for an unknown algorithm, a key its section does not have (naming the valid
+      ones), a non-empty section of another algorithm, or a value its dataclass rejects.
+  """
+  spec = algorithms.registry.get(config.algorithm)
+  fields = [f.name for f in dataclasses.fields(spec.hparams)]
+  for other in algorithms.registry.names():
+    if other != spec.name and other in config and len(config[other]):
+      raise ValueError(
+          f'The config has a section {other!r} with keys {sorted(config[other].keys())} but '
+          f'algorithm is {spec.name!r}, which would ignore them; remove the section or set '
+          f'algorithm={other}.')
+  section = config.get(spec.name) or {}
+  if not isinstance(section, (dict, ml_collections.ConfigDict)):
+    raise ValueError(f'config.{spec.name} must be a section of keys '
+                     f'({", ".join(fields) or "none"}), got {section!r}.')
+  values = dict(section.items())
+  unknown = sorted(set(values) - set(fields))
+  if unknown:
+    raise ValueError(f'Unknown key(s) {", ".join(unknown)} in config section {spec.name!r}; '
+                     f'valid: {", ".join(fields) or "none (this algorithm has no own keys)"}.')
+  try:
+    return spec.hparams(**values)
+  except ValueError as e:
+    raise ValueError(f'config.{spec.name}: {e}') from None
+
+
+def _build_algorithm(config: ml_collections.ConfigDict, hparams: Any, apply_fn: Any,
                      mapping: engine.ClientMapping) -> engine.Algorithm:
-  common = dict(
+  spec = algorithms.registry.get(config.algorithm)
+  momentum = (config.server_optimizer == 'momentum'
+              or (config.server_optimizer == 'auto' and spec.server_momentum))
+  common = algorithms.registry.Common(
+      apply_fn=apply_fn,
       cohort=engine.CohortConfig(clients_per_round=config.clients_per_round,
                                  replace=config.sample_with_replacement,
                                  weighted=config.weighted_aggregation),
@@ -137,23 +176,13 @@ def _build_algorithm(config: ml_collections.ConfigDict, apply_fn: Any,
                                weight_decay=config.weight_decay, clip_norm=config.clip_norm,
                                lr_schedule=config.lr_schedule,
                                cosine_epochs=config.cosine_epochs,
-                               cosine_min_lr=config.cosine_min_lr),
+                               cosine_min_lr=config.cosine_min_lr,
+                               partial_batches=config.partial_batches),
       learning_rate=config.learning_rate, lr_decay=config.lr_decay,
+      server_optimizer=optax.sgd(config.server_learning_rate,
+                                 momentum=config.server_momentum if momentum else None),
       mapping=mapping)
-  momentum = (config.server_optimizer == 'momentum'
-              or (config.server_optimizer == 'auto' and config.algorithm == 'fedavgm'))
-  server_optimizer = optax.sgd(config.server_learning_rate,
-                               momentum=config.server_momentum if momentum else None)
-  if config.algorithm in ('fedavg', 'fedavgm'):
-    return algorithms.fedavg(apply_fn, server_optimizer=server_optimizer, **common)
-  if config.algorithm == 'ssfl':
-    return algorithms.ssfl(
-        apply_fn, server_optimizer=server_optimizer, density=config.density, mask=config.mask,
-        ties=config.ties, score=config.saliency_score, saliency_batches=config.saliency_batches,
-        saliency_weighting=config.saliency_weighting,
-        layerwise_allocation=config.layerwise_allocation, enforce=config.mask_enforcement,
-        warmup_rounds=config.warmup_rounds, **common)
-  raise AssertionError(config.algorithm)  # validate_config rejects it first
+  return spec.build(hparams, common)
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
@@ -168,23 +197,36 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
     raise ValueError(
         f'clients_per_round ({config.clients_per_round}) exceeds the {fed_data.num_clients} '
         f'clients left after dropping {info.dropped_clients} empty ones.')
-  mapping = engine.ClientMapping(config.strategy, chunk_size=config.chunk_size)
+  mapping = engine.ClientMapping(config.strategy, chunk_size=config.chunk_size,
+                                 size_groups=config.size_groups)
   conv_impl = models.resolve_impl(config.conv_impl, batched_clients=mapping.batches_clients)
   model = models.get_model(config.model, dataset.num_classes, conv_impl=conv_impl)
   init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
   dummy = jnp.zeros((1,) + tuple(fed_data.input_shape), jnp.float32)
   params = jax.jit(model.init)(init_key, dummy)['params']
-  algorithm = _build_algorithm(config, model.apply, mapping)
+  hparams = algorithm_hparams(config)
+  algorithm = _build_algorithm(config, hparams, model.apply, mapping)
   # Abstract init: checks that need the params' shapes (e.g. a density that keeps no weight)
   # fail here, before the run writes anything.
-  jax.eval_shape(algorithm.init, init_key, params)
+  jax.eval_shape(algorithm.init, _algorithm_key(config.seed), params, fed_data)
   evaluate = engine.make_evaluator(model.apply, config.eval_batch_size)
-  return Experiment(config, fed_data, info, model, mapping, params, algorithm, evaluate)
+  return Experiment(config, fed_data, info, model, hparams, mapping, params, algorithm,
+                    evaluate)
 
 
 def _round_key(seed: int, round_index: int) -> jax.Array:
   """Round t's key depends on (seed, t) only, so resumed runs replay the same randomness."""
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 1), round_index)
+
+
+def _algorithm_key(seed: int) -> jax.Array:
+  """The algorithm's init key: its own stream, distinct from model init and rounds."""
+  return jax.random.fold_in(jax.random.key(seed), 2)
+
+
+def _eval_key(seed: int, round_index: int) -> jax.Array:
+  """The key of the evaluation after round t (stochastic models sample with it)."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 3), round_index)
 
 
 def _read_metrics(path: pathlib.Path, upto_round: int) -> list[dict[str, Any]]:
@@ -236,7 +278,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> d
                config.model, f'{sum(x.size for x in jax.tree.leaves(exp.params)):,}',
                exp.mapping.resolved())
 
-  state = exp.algorithm.init(jax.random.key(config.seed), exp.params)
+  state = exp.algorithm.init(_algorithm_key(config.seed), exp.params, exp.data)
   start_round = 0
   manager = None
   if config.checkpoint_every:
@@ -267,6 +309,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> d
       t0 = time.perf_counter()
       state, metrics = round_fn(state, exp.data, _round_key(config.seed, t))
       metrics = jax.device_get(metrics)
+      if exp.algorithm.host_bits is not None:
+        # Data-dependent encodings: lengths computed on the host from the round's payloads.
+        for name, bits in exp.algorithm.host_bits(metrics).items():
+          metrics[name] = np.asarray(metrics[name], np.int64) + np.asarray(bits, np.int64)
       seconds = time.perf_counter() - t0
       elapsed += seconds
       # Cohort traffic plus any population-wide one-time traffic (e.g. SSFL's scoring round),
@@ -281,11 +327,13 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> d
              'bits_down': down, 'cum_bits_up': cum_up, 'cum_bits_down': cum_down,
              'round_seconds': seconds}
       row.update({k: float(v) for k, v in metrics.items()
-                  if k not in _VECTOR_METRICS and k not in row and np.ndim(v) == 0})
+                  if k not in _VECTOR_METRICS and k not in row and np.ndim(v) == 0
+                  and not k.startswith(_PAYLOAD_PREFIX)})
       if t == start_round:
         row['compile_seconds'] = compile_seconds
       if (t + 1) % config.eval_every == 0 or t + 1 == config.num_rounds:
-        ev = jax.device_get(exp.evaluate(exp.algorithm.eval_params(state), exp.data))
+        params = exp.algorithm.eval_params(state, _eval_key(config.seed, t))
+        ev = jax.device_get(exp.evaluate(params, exp.data))
         row.update({k: float(v) for k, v in ev.items()})
       metrics_file.write(json.dumps(row) + '\n')  # one write per line: never a torn row
       metrics_file.flush()

@@ -21,14 +21,26 @@ call). Each timing is the median of ``--repeats`` runs after a warm-up. Achieved
 the XLA cost-analysis FLOPs of one SGD step times the steps run, against the peak of a 2048²
 float32 matmul measured in the same run.
 
+With ``--feddst`` it times the FedDST paper's reference round instead, on uneven clients:
+MNISTNet, MNIST split as FedDST does (400 clients, Dirichlet α = 0.1 over clients per class:
+1 to 1,138 examples each), 20 clients per round sampled with replacement, 10 local epochs of
+batch 32, SGD lr 0.01, momentum 0.9, weight decay 1e-3 (dense: the round FedDST's sparse rounds
+are built on). The baseline is a Python loop of jitted SGD steps over each client's *own* steps
+(the last minibatch of an epoch at its real size, as PyTorch's DataLoader gives it), on exactly
+the minibatches the jitted round draws. Each row shows the padding ratio: example slots
+computed over examples really trained on. MNIST is read from ``--npz`` (default
+``../shared/data/mnist.npz``); without it, random MNIST-shaped data with MNIST's class counts.
+
 Usage::
 
   python scripts/bench_round.py                       # the README table (takes a while on CPU)
   python scripts/bench_round.py --models=mnistnet --cohorts=10 --repeats=3
+  python scripts/bench_round.py --feddst --repeats=3   # the FedDST reference round
 """
 
 import functools
 import json
+import os
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -57,6 +69,14 @@ _SKIP_SLOW = flags.DEFINE_float('skip_slower_than', 120.0,
                                 'Skip the other repeats of a setting whose warm-up round takes '
                                 'longer than this many seconds (reported with one run).')
 _JSON = flags.DEFINE_string('json', '', 'Optional path for the results as JSON lines.')
+_FEDDST = flags.DEFINE_bool('feddst', False, 'Time the FedDST reference round (uneven clients).')
+_NPZ = flags.DEFINE_string('npz', os.path.join(os.path.dirname(__file__), '..', '..', 'shared',
+                                               'data', 'mnist.npz'),
+                           'MNIST .npz for --feddst (random data of the same shape if absent).')
+_FEDDST_MAPPINGS = flags.DEFINE_list(
+    'feddst_mappings', ['sequential', 'sequential:pad', 'sharded', 'chunked:5', 'vmap:4', 'vmap'],
+    'Strategies for --feddst: NAME[:ARG], ARG = chunk size (chunked), size groups (vmap) or '
+    '"pad" (sequential with padded partial minibatches).')
 
 NUM_TRAIN = 100 * 64  # 100 clients of 64 images: enough for cohorts of 100 without replacement
 
@@ -109,7 +129,7 @@ def step_flops(apply_fn, params, batch_size: int) -> float:
 
 
 def baseline_round(model_xla, params, fd: data_lib.FederatedData, host_x: np.ndarray,
-                   host_y: np.ndarray, clients: np.ndarray, schedules: engine.Schedule,
+                   host_y: np.ndarray, clients: np.ndarray, schedules: np.ndarray,
                    lr: float, compiler_options: dict[str, str] | None = None
                    ) -> Callable[[], Any]:
   """The Python-loop baseline: one jitted SGD step per call, batches fed from host memory.
@@ -128,7 +148,7 @@ def baseline_round(model_xla, params, fd: data_lib.FederatedData, host_x: np.nda
     u, s = opt.update(g, s, p)
     return optax.apply_updates(p, u), s
 
-  index = np.asarray(schedules.index)
+  index = schedules  # [K, steps, B] training-set indices
   sizes = np.asarray(fd.client_size)[clients].astype(np.float32)
   weights = sizes / sizes.sum()
   normalize = lambda x: data_lib.normalize(x, fd.scale, fd.mean, fd.std)
@@ -165,12 +185,10 @@ def bench_setting(model_name: str, cohort: int, peak: float, rows: list[dict[str
           f'round {run_s:8.3f} s   {flops / run_s / 1e9:6.1f} GFLOP/s', flush=True)
 
   # The cohort and the minibatches every client uses, exactly as the jitted round draws them.
-  sample_key, clients_key = jax.random.split(key)
-  clients = np.asarray(engine.sample_cohort(sample_key, fd.num_clients, cohort))
-  client_keys = jax.random.split(clients_key, cohort)
-  schedules = jax.vmap(lambda c, k: engine.make_schedule(
-      jax.random.split(k)[0], fd.client_index[c], fd.client_size[c], local))(
-          jnp.asarray(clients), client_keys)
+  drawn = engine.draw_cohort(key, fd.num_clients, engine.CohortConfig(cohort))
+  clients = np.asarray(drawn.clients)
+  schedules = np.stack([np.stack(engine.client_minibatches(drawn.keys[i], fd, int(c), local))
+                        for i, c in enumerate(clients)])
   base = baseline_round(model_xla, params, fd, dataset.x_train, dataset.y_train, clients,
                         schedules, 0.05)
   first, t, times = median_seconds(base, _REPEATS.value)
@@ -215,15 +233,138 @@ def bench_setting(model_name: str, cohort: int, peak: float, rows: list[dict[str
     print(f'{"":38s}→ {baseline_s / t:.2f}× the baseline', flush=True)
 
 
+def feddst_data() -> data_lib.FederatedData:
+  """MNIST split as the FedDST paper does: 400 clients, Dirichlet α = 0.1 over clients."""
+  if os.path.exists(_NPZ.value):
+    dataset = data_lib.load_dataset(f'npz:{_NPZ.value}')
+  else:
+    print(f'{_NPZ.value} not found: random MNIST-shaped data with MNIST\'s class counts')
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(10), 6000).astype(np.int32)
+    x = rng.integers(0, 256, (60000, 28, 28, 1), dtype=np.uint8)
+    dataset = data_lib.Dataset('synthetic', x, y, x[:1000], y[:1000], 10, 255.0, (0.13,),
+                               (0.31,))
+  fd, info = data_lib.make_federated_data(dataset, 400, 'dirichlet', seed=0, alpha=0.1)
+  print(f'FedDST split: {info.num_clients} clients ({info.dropped_clients} empty dropped), '
+        f'{info.min_size}/{info.mean_size:.1f}/{info.max_size} examples (min/mean/max)')
+  return fd
+
+
+def bench_feddst(peak: float, rows: list[dict[str, Any]]) -> None:
+  """The FedDST reference round: every strategy against a Python loop of each client's steps."""
+  fd = feddst_data()
+  cohort = engine.CohortConfig(20, replace=True)
+  local = engine.LocalConfig(batch_size=32, local_epochs=10, momentum=0.9, weight_decay=1e-3)
+  lr = 0.01
+  key = jax.random.key(1)
+  drawn = engine.draw_cohort(key, fd.num_clients, cohort)
+  clients = np.asarray(drawn.clients)
+  batches = [engine.client_minibatches(drawn.keys[i], fd, int(c), local)
+             for i, c in enumerate(clients)]
+  sizes = np.asarray(fd.client_size)[clients]
+  real = int(local.local_epochs * sizes.sum())
+  print(f'cohort sizes {sorted(sizes.tolist())}: {sum(map(len, batches))} steps, '
+        f'{real} sample-steps')
+  model_xla = models.get_model('mnistnet', 10, conv_impl='xla')
+  params = model_xla.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1), jnp.float32))['params']
+  flops_per_example = step_flops(model_xla.apply, params, 32) / 32
+  flops = flops_per_example * real
+  host_x, host_y = np.asarray(fd.x_train), np.asarray(fd.y_train)
+  weights = sizes / sizes.sum()
+
+  def record(name, compile_s, run_s, times, ratio, baseline_s=None):
+    row = {'model': 'mnistnet', 'clients': 20, 'strategy': name, 'compile_s': compile_s,
+           'round_s': run_s, 'runs': len(times) or 1, 'gflops': flops / run_s / 1e9,
+           'peak_frac': flops / run_s / 1e9 / peak, 'padding_ratio': ratio}
+    if baseline_s is not None:
+      row['speedup'] = baseline_s / run_s
+    rows.append(row)
+    print(f'feddst {name:30s} compile {compile_s:6.2f} s  round {run_s:8.3f} s  '
+          f'padding {ratio:5.2f}  {row["gflops"]:6.1f} GFLOP/s'
+          + (f'  {row["speedup"]:.2f}× the baseline' if 'speedup' in row else ''), flush=True)
+
+  def loop(model, compiler_options):
+    opt = optax.chain(optax.add_decayed_weights(local.weight_decay),
+                      optax.sgd(lr, momentum=local.momentum))
+
+    @functools.partial(jax.jit, compiler_options=compiler_options)
+    def sgd_step(p, s, x, y):
+      def loss(p):
+        logits = model.apply({'params': p}, x, train=True)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+      u, s = opt.update(jax.grad(loss)(p), s, p)
+      return optax.apply_updates(p, u), s
+
+    normalize = lambda x: data_lib.normalize(x, fd.scale, fd.mean, fd.std)
+
+    def run():
+      total = None
+      for k, client_batches in enumerate(batches):
+        p, s = params, opt.init(params)
+        for idx in client_batches:  # the client's own steps; a partial batch at its real size
+          p, s = sgd_step(p, s, normalize(host_x[idx]), host_y[idx])
+        scaled = jax.tree.map(lambda x: weights[k] * x, p)
+        total = scaled if total is None else jax.tree.map(jnp.add, total, scaled)
+      return total
+    return run
+
+  first, base_s, times = median_seconds(loop(model_xla, None), _REPEATS.value)
+  record('baseline: python loop', first - base_s if times else float('nan'), base_s, times, 1.0)
+  options = engine.compiler_options()
+  impl = models.resolve_impl('auto')
+  if impl != 'xla':
+    model = models.get_model('mnistnet', 10, conv_impl=impl)
+    first, t, times = median_seconds(loop(model, options), _REPEATS.value)
+    record(f'python loop, {impl}, fs opts', first - t if times else float('nan'), t, times,
+           1.0, base_s)
+
+  for spec in _FEDDST_MAPPINGS.value:
+    name, _, arg = spec.partition(':')
+    partial = 'pad' if arg == 'pad' else 'split'
+    kwargs = {}
+    if name == 'chunked' and arg:
+      kwargs['chunk_size'] = int(arg)
+    if name == 'vmap' and arg:
+      kwargs['size_groups'] = int(arg)
+    mapping = engine.ClientMapping(name, **kwargs)
+    impl = models.resolve_impl('auto', batched_clients=mapping.batches_clients)
+    model = models.get_model('mnistnet', 10, conv_impl=impl)
+    alg = algorithms.fedavg(
+        model.apply, cohort=cohort, learning_rate=lr, mapping=mapping,
+        local=engine.LocalConfig(batch_size=32, local_epochs=10, momentum=0.9,
+                                 weight_decay=1e-3, partial_batches=partial))
+    state = alg.init(key, params)
+    label = name + (f' ({jax.device_count()} dev)' if name == 'sharded' else '')
+    label += {'chunked': f', chunks of {arg}', 'vmap': f', {arg} size groups'}.get(
+        name, '') if arg and arg != 'pad' else ''
+    label += ', padded partial batches' if partial == 'pad' else ''
+    label += f', {impl}'
+    try:
+      t0 = time.perf_counter()
+      compiled = engine.jit(alg.round, batched_clients=mapping.batches_clients).lower(
+          state, fd, key).compile()
+      compile_s = time.perf_counter() - t0
+      _, t, times = median_seconds(lambda: compiled(state, fd, key), _REPEATS.value)
+      ratio = float(compiled(state, fd, key)[1]['padding_ratio'])
+    except jax.errors.JaxRuntimeError as e:
+      print(f'feddst {label:30s} failed: {str(e)[:120]}', flush=True)
+      continue
+    record(label, compile_s, t, times, ratio, base_s)
+
+
 def markdown_table(rows: list[dict[str, Any]], peak: float) -> str:
   """The README's table: one line per (model, cohort, way of running the clients)."""
-  lines = [f'| model | clients | how clients run | compile s | s / round | GFLOP/s '
-           f'(% of {peak:.0f} peak) | vs baseline |', '|---|---|---|---|---|---|---|']
+  padding = any('padding_ratio' in r for r in rows)
+  lines = [f'| model | clients | how clients run | compile s | s / round | '
+           + ('padding ratio | ' if padding else '')
+           + f'GFLOP/s (% of {peak:.0f} peak) | vs baseline |',
+           '|---|---|---|---|---|' + ('---|' if padding else '') + '---|---|']
   for r in rows:
     speedup = f'{r["speedup"]:.2f}×' if 'speedup' in r else '1.00× (baseline)'
+    ratio = f'{r["padding_ratio"]:.2f} | ' if padding else ''
     lines.append(f'| {r["model"]} | {r["clients"]} | {r["strategy"]} | {r["compile_s"]:.1f} | '
-                 f'{r["round_s"]:.3f} | {r["gflops"]:.1f} ({100 * r["peak_frac"]:.0f} %) | '
-                 f'{speedup} |')
+                 f'{r["round_s"]:.3f} | {ratio}{r["gflops"]:.1f} ({100 * r["peak_frac"]:.0f} %)'
+                 f' | {speedup} |')
   return '\n'.join(lines)
 
 
@@ -234,9 +375,12 @@ def main(argv: Sequence[str]) -> None:
   peak = matmul_peak_gflops()
   print(f'measured 2048² float32 matmul peak: {peak:.1f} GFLOP/s')
   rows: list[dict[str, Any]] = []
-  for model_name in _MODELS.value:
-    for cohort in map(int, _COHORTS.value):
-      bench_setting(model_name, cohort, peak, rows)
+  if _FEDDST.value:
+    bench_feddst(peak, rows)
+  else:
+    for model_name in _MODELS.value:
+      for cohort in map(int, _COHORTS.value):
+        bench_setting(model_name, cohort, peak, rows)
   print()
   print(markdown_table(rows, peak))
   if _JSON.value:

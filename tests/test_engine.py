@@ -48,43 +48,47 @@ def test_auto_strategy_depends_on_backend():
   assert not engine.ClientMapping('sharded', inner='sequential').batches_clients
 
 
-# ---------------------------------------------------------------- schedules
+# ---------------------------------------------------------------- minibatch orders
 
 
-def _schedule(size, nmax, **config):
+def _minibatches(size, nmax, **config):
   index = jnp.arange(100, 100 + nmax, dtype=jnp.int32)  # the client's rows are 100..100+nmax
-  return engine.make_schedule(jax.random.key(3), index, jnp.int32(size),
-                              engine.LocalConfig(**config))
+  local = engine.LocalConfig(**config)
+  orders = engine.example_orders(jax.random.key(3), index, jnp.int32(size), local)
+  return orders, engine.host_minibatches(np.asarray(orders), size, local)
 
 
-def test_epoch_schedule_visits_every_example_once_per_epoch():
-  s = _schedule(size=5, nmax=8, batch_size=2, local_epochs=3)
-  # ceil(8/2) = 4 static steps per epoch; this client needs ceil(5/2) = 3 of them.
-  assert s.index.shape == (12, 2)
-  np.testing.assert_array_equal(s.active, [True, True, True, False] * 3)
-  np.testing.assert_array_equal(s.epoch, np.repeat(np.arange(3), 4))
+def test_epochs_visit_every_example_once_in_the_clients_own_steps():
+  orders, batches = _minibatches(size=5, nmax=8, batch_size=2, local_epochs=3)
+  assert orders.shape == (3, 8)  # one row per epoch, ceil(8/2)*2 wide
+  # ceil(5/2) = 3 steps per epoch for this client (not the largest client's 4): 2, 2, 1.
+  assert [len(b) for b in batches] == [2, 2, 1] * 3
   for e in range(3):
-    rows = slice(4 * e, 4 * e + 4)
-    seen = np.asarray(s.index[rows])[np.asarray(s.example_mask[rows])]
-    assert sorted(seen.tolist()) == [100, 101, 102, 103, 104]  # a permutation of its 5 examples
-  # Epochs are reshuffled.
-  first = [np.asarray(s.index[4 * e:4 * e + 3]).ravel()[:5].tolist() for e in range(3)]
-  assert len({tuple(f) for f in first}) > 1
+    seen = np.concatenate(batches[3 * e:3 * e + 3])
+    assert sorted(seen.tolist()) == [100, 101, 102, 103, 104]
+  assert len({tuple(np.concatenate(batches[3 * e:3 * e + 3])) for e in range(3)}) > 1
 
 
-def test_fixed_step_schedule_draws_distinct_examples():
-  s = _schedule(size=5, nmax=8, batch_size=3, local_steps=7)
-  assert s.index.shape == (7, 3)
-  assert bool(jnp.all(s.active)) and bool(jnp.all(s.example_mask))
-  for row in np.asarray(s.index):
-    assert len(set(row.tolist())) == 3 and set(row.tolist()) <= set(range(100, 105))
+def test_fixed_steps_draw_distinct_examples():
+  _, batches = _minibatches(size=5, nmax=8, batch_size=3, local_steps=7)
+  assert len(batches) == 7
+  for b in batches:
+    assert len(set(b.tolist())) == 3 and set(b.tolist()) <= set(range(100, 105))
 
 
-def test_fixed_step_schedule_smaller_client_than_batch():
-  s = _schedule(size=2, nmax=3, batch_size=4, local_steps=2)
-  np.testing.assert_array_equal(s.example_mask, [[True, True, False, False]] * 2)
-  for row in np.asarray(s.index):
-    assert set(row[:2].tolist()) == {100, 101}
+def test_fixed_steps_client_smaller_than_a_batch():
+  _, batches = _minibatches(size=2, nmax=3, batch_size=4, local_steps=2)
+  assert [sorted(b.tolist()) for b in batches] == [[100, 101]] * 2
+
+
+def test_step_slice_and_client_steps_by_hand():
+  local = engine.LocalConfig(batch_size=4, local_epochs=2)
+  assert engine.client_steps(9, local) == (3, 6)
+  s = engine.step_slice(5, 9, local)  # epoch 1, its third step: examples 8..8
+  assert (s.epoch, s.step_in_epoch, s.row, s.offset, s.count) == (1, 2, 1, 8, 1)
+  traced = jax.jit(lambda t, n: engine.step_slice(t, n, local))(jnp.int32(5), jnp.int32(9))
+  assert tuple(int(x) for x in traced) == (1, 2, 1, 8, 1)
+  assert engine.client_steps(0, engine.LocalConfig(local_steps=3)) == (0, 0)
 
 
 # ---------------------------------------------------------------- local training
@@ -93,28 +97,6 @@ def test_fixed_step_schedule_smaller_client_than_batch():
 def _linear_apply(variables, x, train=False):
   del train
   return x.reshape(x.shape[0], -1) @ variables['params']['w']
-
-
-def test_frozen_steps_leave_no_trace():
-  fd = tiny_federated()
-  params = {'w': jnp.full((16, 3), 0.01, jnp.float32)}
-  config = engine.LocalConfig(batch_size=4, local_epochs=2, momentum=0.9)
-  opt = engine.client_optimizer(config, jnp.float32(0.1))
-  step = engine.sgd_step(_linear_apply, opt)
-  c = int(np.argmin(np.asarray(fd.client_size)))
-  schedule = engine.make_schedule(jax.random.key(0), fd.client_index[c], fd.client_size[c],
-                                  config)
-  assert not bool(jnp.all(schedule.active))  # the smallest client has padding steps
-  out, _, loss = engine.run_local(step, params, opt.init(params), schedule, fd, jax.random.key(1))
-  # The same run over only the active steps.
-  p, s = params, opt.init(params)
-  losses = []
-  for i in np.flatnonzero(np.asarray(schedule.active)):
-    batch = engine.gather_batch(fd, schedule.index[i], schedule.example_mask[i])
-    p, s, l = step(p, s, batch, None)
-    losses.append(l)
-  np.testing.assert_allclose(out['w'], p['w'], rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(loss, np.mean(losses), rtol=1e-5)
 
 
 def test_client_optimizer_matches_pytorch_sgd_order():
@@ -252,22 +234,6 @@ def test_cosine_schedule_per_epoch_restarts_by_hand():
 def test_local_config_rejects_unknown_schedule():
   with pytest.raises(ValueError, match='constant, cosine'):
     engine.LocalConfig(lr_schedule='step')
-
-
-@pytest.mark.parametrize('enforce', engine.ENFORCEMENTS)
-def test_masked_sgd_step_keeps_pruned_weights_zero(enforce):
-  fd = tiny_federated()
-  w = jnp.where(jnp.arange(48).reshape(16, 3) % 2 == 0, 0.05, 0.0).astype(jnp.float32)
-  mask = {'w': w != 0}
-  config = engine.LocalConfig(batch_size=4, local_epochs=1, momentum=0.9, weight_decay=0.1)
-  opt = engine.client_optimizer(config, jnp.float32(0.5))
-  step = engine.sgd_step(_linear_apply, opt, mask=mask, enforce=enforce)
-  schedule = engine.make_schedule(jax.random.key(0), fd.client_index[0], fd.client_size[0],
-                                  config)
-  out, _, _ = engine.run_local(step, {'w': w}, opt.init({'w': w}), schedule, fd,
-                               jax.random.key(1))
-  assert np.all(np.asarray(out['w'])[~np.asarray(mask['w'])] == 0.0)
-  assert np.any(np.asarray(out['w'])[np.asarray(mask['w'])] != 0.05)  # kept weights train
 
 
 def test_vmapped_clients_compile_with_xla_defaults():

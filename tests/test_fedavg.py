@@ -67,6 +67,82 @@ def test_one_step_round_matches_hand_computation():
   chex.assert_trees_all_equal_shapes(new_state.params, params)
 
 
+@pytest.mark.parametrize('weighted', [True, False])
+def test_uneven_partial_cohort_round_by_hand(weighted):
+  # Uneven n_k, 3 of 6 clients: catches aggregation that ignores n_k (or ignores `weighted`).
+  fd = tiny_federated(num_clients=6, method='dirichlet', alpha=0.3)
+  sizes = np.asarray(fd.client_size)
+  nmax = int(sizes.max())
+  cohort = engine.CohortConfig(3, weighted=weighted)
+  alg = algorithms.fedavg(linear_apply, cohort=cohort,
+                          local=engine.LocalConfig(batch_size=nmax, local_steps=1),
+                          learning_rate=0.5)
+  params = init_params()
+  key = jax.random.key(7)
+  new_state, metrics = jax.jit(alg.round)(alg.init(jax.random.key(0), params), fd, key)
+  clients = np.asarray(engine.draw_cohort(key, 6, cohort).clients)
+  np.testing.assert_array_equal(metrics['clients'], clients)
+  assert len(set(sizes[clients].tolist())) > 1  # the drawn clients really differ in size
+  # One step on a minibatch holding the whole client: its full-batch gradient.
+  grads = []
+  for k in clients:
+    idx = np.asarray(fd.client_index[k, :sizes[k]])
+    x = normalize(fd.x_train[idx], fd.scale, fd.mean, fd.std)
+    loss = lambda p, x=x, y=fd.y_train[idx]: jnp.mean(
+        optax.softmax_cross_entropy_with_integer_labels(linear_apply({'params': p}, x), y))
+    grads.append(jax.grad(loss)(params))
+  a = sizes[clients] / sizes[clients].sum() if weighted else np.full(3, 1 / 3)
+  for name in ('w', 'b'):
+    expected = params[name] - 0.5 * sum(w * g[name] for w, g in zip(a, grads))
+    np.testing.assert_allclose(new_state.params[name], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_client_lr_decays_every_round_by_hand():
+  # Round t uses lr · decay^t: with one full-batch step per round, round 2's move is 0.25 lr g.
+  fd = tiny_federated(num_clients=2, method='iid')
+  nmax = int(np.asarray(fd.client_size).max())
+  alg = algorithms.fedavg(linear_apply, cohort=engine.CohortConfig(2),
+                          local=engine.LocalConfig(batch_size=nmax, local_steps=1),
+                          learning_rate=0.4, lr_decay=0.5)
+  state = alg.init(jax.random.key(0), init_params())
+  round_fn = jax.jit(alg.round)
+  for t in range(3):
+    before = state.params
+    state, _ = round_fn(state, fd, jax.random.key(t))
+    sizes = np.asarray(fd.client_size, np.float64)
+    grad = jax.tree.map(jnp.zeros_like, before)
+    for k in range(2):
+      idx = np.asarray(fd.client_index[k, :int(sizes[k])])
+      x = normalize(fd.x_train[idx], fd.scale, fd.mean, fd.std)
+      g = jax.grad(lambda p, x=x, y=fd.y_train[idx]: jnp.mean(
+          optax.softmax_cross_entropy_with_integer_labels(linear_apply({'params': p}, x), y)))(
+              before)
+      grad = jax.tree.map(lambda a, b, w=sizes[k] / sizes.sum(): a + w * b, grad, g)
+    expected = jax.tree.map(lambda p, g, lr=0.4 * 0.5 ** t: p - lr * g, before, grad)
+    chex.assert_trees_all_close(state.params, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_every_algorithm_trains_the_same_cohorts():
+  # Paired comparisons: the cohort of round t depends on (seed, t, population) only.
+  fd = tiny_federated(num_clients=8)
+  local = engine.LocalConfig(batch_size=4, local_steps=2)
+  common = dict(cohort=engine.CohortConfig(3), local=local, learning_rate=0.1)
+  runs = [algorithms.fedavg(linear_apply, **common),
+          algorithms.fedavgm(linear_apply, **common),
+          algorithms.ssfl(linear_apply, density=0.5, prunable=lambda path, leaf: path[-1] == 'w',
+                          **common)]
+  cohorts = []
+  for alg in runs:
+    state = alg.init(jax.random.key(0), init_params(), fd)
+    seen = []
+    for t in range(3):
+      state, metrics = jax.jit(alg.round)(state, fd, jax.random.fold_in(jax.random.key(9), t))
+      seen.append(np.asarray(metrics['clients']).tolist())
+    cohorts.append(seen)
+  assert cohorts[0] == cohorts[1] == cohorts[2]
+  assert len({tuple(c) for c in cohorts[0]}) > 1  # and they change from round to round
+
+
 def test_round_traces_once_across_rounds():
   fd = tiny_federated()
   alg = make_alg()
@@ -85,7 +161,8 @@ def test_round_traces_once_across_rounds():
 
 
 def test_clients_get_distinct_keys():
-  # Two clients holding exactly the same data still draw different minibatches.
+  # Two clients holding exactly the same data still draw different minibatches (a shared key
+  # would give them identical losses).
   fd = tiny_federated(num_clients=4, method='iid')
   fd = fd.replace(client_index=fd.client_index.at[1].set(fd.client_index[0]),
                   client_size=fd.client_size.at[1].set(fd.client_size[0]))

@@ -102,7 +102,7 @@ def test_saliency_mask_is_the_global_top_k_of_the_scores():
   new_state, _ = jax.jit(alg.round)(state, fd, key)
   prunable = masks.prunable_leaves(params)
   scores = algorithms.population_saliency(
-      mlp_apply, params, fd, jax.random.split(key)[0], prunable=prunable, batch_size=4)
+      mlp_apply, params, fd, engine.server_key(key), prunable=prunable, batch_size=4)
   flat = np.concatenate([np.ravel(scores['hidden']['kernel']), np.ravel(scores['out']['kernel'])])
   kept = np.concatenate([np.ravel(new_state.mask['hidden']['kernel']),
                          np.ravel(new_state.mask['out']['kernel'])])
@@ -119,7 +119,7 @@ def test_mask_static_and_pruned_weights_exactly_zero(mask, enforce):
   fd = tiny_federated(num_clients=6)
   params = init_params()
   # Momentum, weight decay and a FedAvgM server: everything that could revive a pruned weight.
-  alg = make_ssfl(density=0.3, mask=mask, enforce=enforce, momentum=0.9, weight_decay=1e-2,
+  alg = make_ssfl(density=0.3, mask=mask, mask_enforcement=enforce, momentum=0.9, weight_decay=1e-2,
                   server_optimizer=optax.sgd(1.0, momentum=0.9), local_epochs=2)
   state = alg.init(jax.random.key(0), params)
   round_fn = jax.jit(alg.round)
@@ -208,7 +208,7 @@ def test_warmup_rounds_are_dense_and_scoring_downloads_the_weights():
       # Scored at the warm-up weights: the mask is the top-k of their saliency, not of w0's.
       prunable = masks.prunable_leaves(params)
       scores = algorithms.population_saliency(
-          mlp_apply, before, fd, jax.random.split(jax.random.key(t))[0], prunable=prunable,
+          mlp_apply, before, fd, engine.server_key(jax.random.key(t)), prunable=prunable,
           batch_size=4)
       chex.assert_trees_all_equal(state.mask, masks.global_topk(scores, prunable, 0.25))
       np.testing.assert_array_equal(m['bits_up'], [32 * (38 + 11)] * 3)
@@ -235,8 +235,8 @@ def test_ssfl_rounds_agree_across_strategies(mapping):
 def test_bad_hyperparameters_fail_fast():
   for kwargs, message in (({'density': 0.0}, 'density'), ({'density': 1.5}, 'density'),
                           ({'mask': 'magnitude'}, 'random_global'),
-                          ({'ties': 'first'}, 'index'), ({'score': 'snip'}, 'salientgrads'),
-                          ({'enforce': 'never'}, 'forward'), ({'warmup_rounds': -1}, 'warmup'),
+                          ({'ties': 'first'}, 'index'), ({'saliency_score': 'snip'}, 'salientgrads'),
+                          ({'mask_enforcement': 'never'}, 'forward'), ({'warmup_rounds': -1}, 'warmup'),
                           ({'saliency_weighting': 'n'}, 'weighted')):
     with pytest.raises(ValueError, match=message):
       make_ssfl(**kwargs)
@@ -247,7 +247,7 @@ def test_run_bits_match_the_formula_exactly(tmp_path):
   config.dataset = 'digits'  # 8x8 inputs: MNISTNet does not fit, use the MLP
   config.model = 'mlp'
   config.num_rounds = 3
-  config.density = 0.1
+  config.ssfl.density = 0.1
   workdir = tmp_path / 'run'
   train.run(config, workdir)
   exp = train.build_experiment(config)

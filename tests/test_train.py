@@ -113,16 +113,16 @@ def test_same_seed_same_metrics_and_resume_matches(tmp_path):
     ({'learning_rate': -0.1}, 'learning_rate must be positive'),
     ({'dirichlet_alpha': 0.0}, 'dirichlet_alpha must be > 0'),
     ({'num_clients': 5000, 'clients_per_round': 10}, 'fewer'),
-    ({'algorithm': 'ssfl', 'density': 0.0}, r'density must be in \(0, 1\]'),
-    ({'algorithm': 'ssfl', 'density': 1.2}, r'density must be in \(0, 1\]'),
-    ({'algorithm': 'ssfl', 'mask': 'snip'}, 'valid: saliency, random_global, random_layerwise'),
-    ({'algorithm': 'ssfl', 'ties': 'first'}, 'valid: index, keep'),
-    ({'algorithm': 'ssfl', 'saliency_score': 'nll'}, 'valid: ssfl, salientgrads'),
-    ({'algorithm': 'ssfl', 'mask_enforcement': 'never'}, 'valid: forward, step'),
-    ({'algorithm': 'ssfl', 'warmup_rounds': 500}, 'warmup_rounds must be in'),
+    ({'algorithm': 'ssfl', 'ssfl': {'density': 0.0}}, r'density must be in \(0, 1\]'),
+    ({'algorithm': 'ssfl', 'ssfl': {'density': 1.2}}, r'density must be in \(0, 1\]'),
+    ({'algorithm': 'ssfl', 'ssfl': {'mask': 'snip'}}, 'valid: saliency, random_global, random_layerwise'),
+    ({'algorithm': 'ssfl', 'ssfl': {'ties': 'first'}}, 'valid: index, keep'),
+    ({'algorithm': 'ssfl', 'ssfl': {'saliency_score': 'nll'}}, 'valid: ssfl, salientgrads'),
+    ({'algorithm': 'ssfl', 'ssfl': {'mask_enforcement': 'never'}}, 'valid: forward, step'),
+    ({'algorithm': 'ssfl', 'ssfl': {'warmup_rounds': 500}}, 'warmup_rounds must be in'),
     ({'lr_schedule': 'step'}, 'valid: constant, cosine'),
     ({'server_optimizer': 'adam'}, 'valid: auto, sgd, momentum'),
-    ({'algorithm': 'ssfl', 'density': 1e-9}, 'keeps no weight'),
+    ({'algorithm': 'ssfl', 'ssfl': {'density': 1e-9}}, 'keeps no weight'),
     ({'lr_schedule': 'cosine', 'local_steps': 3}, 'needs cosine_epochs'),
     ({'lr_schedule': 'cosine', 'cosine_min_lr': 1.0}, 'cosine_min_lr must be in'),
 ])
@@ -157,3 +157,67 @@ def test_cli_and_plot(tmp_path):
   subprocess.run([sys.executable, 'scripts/plot.py', str(workdir), f'--out={png}'], cwd=ROOT,
                  check=True, capture_output=True)
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_algorithm_keys_live_in_their_section_on_the_command_line(tmp_path):
+  base = [sys.executable, '-m', 'experiments.run',
+          f'--config={CONFIG_DIR / "mnist_ssfl.py"}:smoke', '--config.dataset=digits',
+          '--config.model=mlp']
+  workdir = tmp_path / 'ssfl'
+  subprocess.run(base + ['--config.ssfl.density=0.2', f'--workdir={workdir}'], cwd=ROOT,
+                 capture_output=True, text=True, check=True)
+  assert json.loads((workdir / 'config.json').read_text())['ssfl']['density'] == 0.2
+  assert abs(read_rows(workdir)[-1]['density'] - 0.2) < 1e-3
+  # A misspelt key names the valid keys of its section, and nothing is written.
+  out = subprocess.run(base + ['--config.ssfl.densty=0.2', f'--workdir={tmp_path / "bad"}'],
+                       cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 2
+  assert "'ssfl.densty'" in out.stderr and 'density, layerwise_allocation, mask' in out.stderr
+  assert not (tmp_path / 'bad').exists()
+  # The old flat key does not exist any more: it cannot be set and silently ignored.
+  out = subprocess.run(base + ['--config.density=0.2', f'--workdir={tmp_path / "flat"}'],
+                       cwd=ROOT, capture_output=True, text=True)
+  assert out.returncode == 2 and "Unknown config key 'density'" in out.stderr
+
+
+def test_keys_of_another_algorithm_cannot_be_ignored(tmp_path):
+  config = load_config('digits_fedavg')
+  config.ssfl = {'density': 0.1}
+  with pytest.raises(ValueError, match="section 'ssfl'.*algorithm is 'fedavg'"):
+    train.run(config, tmp_path / 'run')
+  config = load_config('mnist_ssfl')
+  config.ssfl.densty = 0.1
+  with pytest.raises(ValueError, match='densty.*valid: density, mask, ties'):
+    train.run(config, tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()
+
+
+def test_resumed_ssfl_run_neither_scores_again_nor_loses_its_mask(tmp_path):
+  config = load_config('mnist_ssfl')
+  config.dataset, config.model = 'digits', 'mlp'
+  config.num_rounds, config.checkpoint_every = 4, 1
+  strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith('seconds')} for r in rows]
+  train.run(config, tmp_path / 'full')
+  short = config.copy_and_resolve_references()
+  short.num_rounds = 2
+  train.run(short, tmp_path / 'resumed')
+  train.run(config, tmp_path / 'resumed')
+  full, resumed = read_rows(tmp_path / 'full'), read_rows(tmp_path / 'resumed')
+  assert strip(resumed) == strip(full)
+  # Scoring traffic only in round 1; the density stays the chosen one after the resume.
+  assert full[2]['bits_up'] == full[1]['bits_up'] < full[0]['bits_up']
+  assert all(abs(r['density'] - config.ssfl.density) < 1e-3 for r in resumed)
+
+
+@pytest.mark.parametrize('algorithm', ['fedavg', 'fedavgm', 'ssfl'])
+def test_every_algorithm_learns_on_toy_data(algorithm, tmp_path):
+  from experiments.configs import base  # pylint: disable=g-import-not-at-top
+  config = load_config('digits_fedavg', None)
+  base.set_algorithm(config, algorithm, **({'density': 0.3} if algorithm == 'ssfl' else {}))
+  config.model, config.num_rounds, config.eval_every = 'mlp', 12, 12
+  config.local_epochs, config.batch_size = 1, 16
+  config.learning_rate = 0.02 if algorithm == 'fedavgm' else 0.1
+  train.run(config, tmp_path / 'run')
+  rows = read_rows(tmp_path / 'run')
+  assert rows[-1]['train_loss'] < 0.6 * rows[0]['train_loss']
+  assert rows[-1]['test_accuracy'] > 0.7  # chance: 0.1

@@ -1,15 +1,40 @@
 """Defaults shared by every experiment config (each config file overrides what it needs).
 
 Not an experiment itself: configs call :func:`base_config` and then set their own values.
+
+Shared keys are flat (``--config.learning_rate=0.1``). An algorithm's own hyperparameters live
+in a section named after it, built from its registered dataclass with the paper's defaults
+(``--config.ssfl.density=0.05``; :func:`set_algorithm`). Only the section of the config's own
+algorithm exists, so a key of another algorithm cannot be set and silently ignored.
 """
 
+import dataclasses
+
 import ml_collections
+
+from fedsparse.algorithms import registry
+
+
+def set_algorithm(c: ml_collections.ConfigDict, name: str, **hparams) -> ml_collections.ConfigDict:
+  """Sets ``c.algorithm = name`` and gives ``c`` that algorithm's section (defaults + overrides).
+
+  Sections of other algorithms are removed; an algorithm without own hyperparameters gets none.
+  """
+  spec = registry.get(name)
+  for other in registry.names():
+    if other in c:
+      del c[other]
+  c.algorithm = name
+  values = dataclasses.asdict(spec.hparams(**hparams))  # validates the overrides
+  if values:
+    c[name] = ml_collections.ConfigDict(values)
+  return c
 
 
 def base_config() -> ml_collections.ConfigDict:
   """The flat run description with every key the run loop reads."""
   c = ml_collections.ConfigDict()
-  c.algorithm = 'fedavg'           # fedavg | fedavgm | ssfl
+  c.algorithm = 'fedavg'           # fedavg | fedavgm | ssfl (set with set_algorithm)
   c.dataset = 'digits'             # digits | mnist | fashion_mnist | emnist | cifar10 | cifar100 | npz:PATH
   c.data_dir = ''                  # TFDS data_dir ('' = TFDS default)
   c.model = 'mlp'
@@ -37,18 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.server_optimizer = 'auto'      # auto (fedavgm: momentum, else sgd) | sgd | momentum
   c.server_learning_rate = 1.0
   c.server_momentum = 0.9          # used with the momentum server optimizer
-  # Sparse training (ssfl).
-  c.density = 1.0                  # fraction of prunable weights kept, in (0, 1]
-  c.mask = 'saliency'              # saliency | random_global | random_layerwise
-  c.ties = 'index'                 # index (exactly k kept) | keep (SSFL code: score >= k-th)
-  c.saliency_score = 'ssfl'        # ssfl (cross-entropy) | salientgrads (NLL of raw logits)
-  c.saliency_batches = 1           # minibatches each client scores on
-  c.saliency_weighting = 'uniform'  # uniform | weighted (by client size)
-  c.layerwise_allocation = 'uniform'  # per-layer densities of random_layerwise: uniform | erk
-  c.mask_enforcement = 'forward'   # forward (train w*m) | step (re-mask after every step)
-  c.warmup_rounds = 0              # dense rounds before the mask is chosen
+  c.partial_batches = 'split'      # split (r < B examples computed in power-of-2 pieces) | pad
   c.strategy = 'auto'              # auto | vmap | chunked | sequential | sharded
-  c.chunk_size = 8
+  c.chunk_size = 8                 # clients per vmap group of `chunked`
+  c.size_groups = 1                # `vmap`: size-sorted groups run one after another
   c.eval_every = 5
   c.eval_batch_size = 1000
   c.checkpoint_every = 0           # rounds between checkpoints (0 = none)

@@ -17,7 +17,7 @@ from experiments.configs import base
 
 def get_config(arg: str | None = None):
   c = base.base_config()
-  c.algorithm = 'fedavg'
+  base.set_algorithm(c, 'fedavg')
   c.dataset = 'cifar10'
   c.model = 'resnet18'
   c.partition = 'dirichlet_balanced'

@@ -22,10 +22,7 @@ from experiments.configs import cifar10_fedavg
 
 def get_config(arg: str | None = None):
   c = cifar10_fedavg.get_config()  # the reference setting of the dense baseline
-  c.algorithm = 'ssfl'
-  c.density = 0.5
-  c.mask = 'saliency'
-  c.saliency_score = 'ssfl'
+  base.set_algorithm(c, 'ssfl', density=0.5, mask='saliency', saliency_score='ssfl')
   if arg == 'smoke':
     c = base.smoke(c)
   return c

@@ -15,7 +15,7 @@ from experiments.configs import base
 
 def get_config(arg: str | None = None):
   c = base.base_config()
-  c.algorithm = 'fedavg'
+  base.set_algorithm(c, 'fedavg')
   c.dataset = 'digits'
   c.model = 'conv4'
   c.partition = 'dirichlet_balanced'

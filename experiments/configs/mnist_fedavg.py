@@ -22,7 +22,7 @@ from experiments.configs import base
 
 def get_config(arg: str | None = None):
   c = base.base_config()
-  c.algorithm = 'fedavg'
+  base.set_algorithm(c, 'fedavg')
   c.dataset = 'mnist'
   c.model = 'mnistnet'
   c.partition = 'dirichlet_balanced'

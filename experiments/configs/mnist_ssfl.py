@@ -8,8 +8,8 @@ Command (offline, with the MNIST file beside the checkout)::
   python -m experiments.run --config=experiments/configs/mnist_ssfl.py \\
       --config.dataset=npz:../shared/data/mnist.npz --workdir=/tmp/mnist_ssfl
 
-Other densities and the random-mask baselines: ``--config.density=0.1``,
-``--config.mask=random_global`` (or ``random_layerwise``).
+Other densities and the random-mask baselines: ``--config.ssfl.density=0.1``,
+``--config.ssfl.mask=random_global`` (or ``random_layerwise``).
 
 Expected result (seed 0, measured with the command above on the 2-core CPU, ~4 s per round;
 the first round also scores all 100 clients): 96.3 % pooled test accuracy at round 50, 1.9
@@ -32,9 +32,7 @@ from experiments.configs import mnist_fedavg
 
 def get_config(arg: str | None = None):
   c = mnist_fedavg.get_config()  # the same data, partition, model and local training
-  c.algorithm = 'ssfl'
-  c.density = 0.05
-  c.mask = 'saliency'
+  base.set_algorithm(c, 'ssfl', density=0.05, mask='saliency')
   if arg == 'smoke':
     c = base.smoke(c)
   return c

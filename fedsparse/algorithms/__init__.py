@@ -1,12 +1,15 @@
-"""Federated algorithms, one paper per module."""
+"""Federated algorithms, one paper per module, each registered in `registry` by name."""
 
-from fedsparse.algorithms.fedavg import FedAvgState, fedavg, fedavg_round_core, fedavgm
+from fedsparse.algorithms import registry
+from fedsparse.algorithms.fedavg import (FedAvgConfig, FedAvgMConfig, FedAvgState, fedavg,
+                                         fedavg_round_core, fedavgm)
 from fedsparse.algorithms.ssfl import MASKS as SSFL_MASKS
 from fedsparse.algorithms.ssfl import SCORES as SALIENCY_SCORES
 from fedsparse.algorithms.ssfl import WEIGHTINGS as SALIENCY_WEIGHTINGS
-from fedsparse.algorithms.ssfl import SSFLState, population_saliency, ssfl
+from fedsparse.algorithms.ssfl import SSFLConfig, SSFLState, population_saliency, ssfl
 
-__all__ = ['ALGORITHMS', 'FedAvgState', 'SALIENCY_SCORES', 'SALIENCY_WEIGHTINGS', 'SSFLState',
-           'SSFL_MASKS', 'fedavg', 'fedavg_round_core', 'fedavgm', 'population_saliency', 'ssfl']
+__all__ = ['ALGORITHMS', 'FedAvgConfig', 'FedAvgMConfig', 'FedAvgState', 'SALIENCY_SCORES',
+           'SALIENCY_WEIGHTINGS', 'SSFLConfig', 'SSFLState', 'SSFL_MASKS', 'fedavg',
+           'fedavg_round_core', 'fedavgm', 'population_saliency', 'registry', 'ssfl']
 
-ALGORITHMS = ('fedavg', 'fedavgm', 'ssfl')
+ALGORITHMS = registry.names()

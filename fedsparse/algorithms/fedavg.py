@@ -10,14 +10,22 @@ its model delta Δ_k = w_k − w (dense float32). The server averages the deltas
 uniform) and feeds −Δ̄ as a pseudo-gradient to an optax server optimizer: ``sgd(1.0)`` recovers
 plain averaging, ``sgd(lr, momentum)`` is FedAvgM.
 
-Example::
+Example:
 
-  >>> alg = fedavg(model.apply, cohort=CohortConfig(10), local=LocalConfig(batch_size=32),
-  ...              learning_rate=0.05)
-  >>> state = alg.init(jax.random.key(0), params)
-  >>> state, metrics = fedsparse.engine.jit(alg.round)(state, data, jax.random.key(1))
+  >>> import jax
+  >>> from fedsparse import data as data_lib, engine, models
+  >>> fd, _ = data_lib.make_federated_data(data_lib.load_dataset('digits'), 10, 'iid', seed=0)
+  >>> model = models.get_model('mlp', 10)
+  >>> params = model.init(jax.random.key(0), jax.numpy.zeros((1, 8, 8, 1)))['params']
+  >>> alg = fedavg(model.apply, cohort=engine.CohortConfig(5),
+  ...              local=engine.LocalConfig(batch_size=32), learning_rate=0.05)
+  >>> state = alg.init(jax.random.key(1), params, fd)
+  >>> state, metrics = engine.jit(alg.round)(state, fd, jax.random.key(2))
+  >>> int(state.round), metrics['bits_up'].shape, float(metrics['padding_ratio'])
+  (1, (5,), 1.0)
 """
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -26,14 +34,14 @@ import optax
 
 from fedsparse import comm
 from fedsparse import masks
+from fedsparse.algorithms import registry
 from fedsparse.data import FederatedData
-from fedsparse.engine import (Algorithm, ClientMapping, CohortConfig, LocalConfig,
-                              aggregation_weights, client_optimizer, make_schedule, map_clients,
-                              run_local, sample_cohort, sgd_step, steps_per_epoch,
+from fedsparse.engine import (Algorithm, Broadcast, ClientMapping, CohortConfig, LocalConfig,
+                              aggregation_weights, draw_cohort, run_clients, sgd_client,
                               weighted_mean)
 
-__all__ = ['FedAvgState', 'RoundCore', 'client_learning_rate', 'fedavg', 'fedavg_round_core',
-           'fedavgm']
+__all__ = ['FedAvgConfig', 'FedAvgMConfig', 'FedAvgState', 'RoundCore', 'client_learning_rate',
+           'fedavg', 'fedavg_round_core', 'fedavgm']
 
 
 class FedAvgState(NamedTuple):
@@ -59,50 +67,39 @@ def fedavg_round_core(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfi
   """The body of a FedAvg round, optionally under a static mask; shared by the sparse variants.
 
   Returns ``(core, server_optimizer)`` where ``core(params, opt_state, round_, data, key,
-  mask=None) -> (params, opt_state, metrics)`` samples the cohort, trains every client from
-  ``params`` (under ``mask`` with the given enforcement, if any), averages the deltas and
-  applies the server optimizer to −Δ̄. With a mask the new global params are re-masked, so
-  pruned entries stay exactly zero whatever the server optimizer does. ``metrics`` holds
-  ``train_loss``, ``client_loss`` and ``clients``; bit counts are the caller's (they depend on
-  the encoding).
+  mask=None) -> (params, opt_state, metrics)`` draws the round's cohort
+  (`fedsparse.engine.draw_cohort`), trains every client from ``params`` with
+  `fedsparse.engine.sgd_client` (under ``mask`` with the given enforcement, if any), averages the
+  deltas and applies the server optimizer to −Δ̄. With a mask the new global params are
+  re-masked, so pruned entries stay exactly zero whatever the server optimizer does.
+  ``metrics`` holds ``train_loss``, ``client_loss``, ``clients`` and ``padding_ratio``; bit
+  counts are the caller's (they depend on the encoding).
 
   Args: as :func:`fedavg`, plus ``enforce``: how a mask is enforced during local training (see
   `fedsparse.engine.ENFORCEMENTS`).
   """
-  if learning_rate <= 0:
-    raise ValueError(f'learning_rate must be positive, got {learning_rate}.')
+  if not learning_rate > 0 or learning_rate == float('inf'):
+    raise ValueError(f'learning_rate must be positive and finite, got {learning_rate}.')
   if not 0 < lr_decay <= 1:
     raise ValueError(f'lr_decay must be in (0, 1], got {lr_decay}.')
   server_optimizer = server_optimizer or optax.sgd(1.0)
-  k = cohort.clients_per_round
-
-  def client_update(shared, client_id, key):
-    params, mask, data, lr = shared
-    schedule_key, train_key = jax.random.split(key)
-    schedule = make_schedule(schedule_key, data.client_index[client_id],
-                             data.client_size[client_id], local)
-    optimizer = client_optimizer(
-        local, lr, steps_per_epoch(data.client_size[client_id], local.batch_size))
-    step = sgd_step(apply_fn, optimizer, mask=mask, enforce=enforce)
-    new_params, _, loss = run_local(step, params, optimizer.init(params), schedule, data,
-                                    train_key)
-    return jax.tree.map(jnp.subtract, new_params, params), loss
+  dense_program = sgd_client(apply_fn, local)
+  masked_program = sgd_client(apply_fn, local, enforce=enforce)
 
   def core(params, opt_state, round_, data, key, mask=None):
-    sample_key, clients_key = jax.random.split(key)
-    clients = sample_cohort(sample_key, data.num_clients, k, cohort.replace)
-    client_keys = jax.random.split(clients_key, k)  # one key per client, never shared
+    drawn = draw_cohort(key, data.num_clients, cohort)
     lr = client_learning_rate(learning_rate, lr_decay, round_)
-    deltas, losses = map_clients(client_update, (params, mask, data, lr), clients, client_keys,
-                                 mapping=mapping)
-    weights = aggregation_weights(data.client_size[clients], cohort.weighted)
-    pseudo_grad = jax.tree.map(jnp.negative, weighted_mean(deltas, weights))
+    program = dense_program if mask is None else masked_program
+    result = run_clients(program, Broadcast(params, lr, mask), drawn.clients, drawn.keys, data,
+                         local, mapping)
+    weights = aggregation_weights(data.client_size[drawn.clients], cohort.weighted)
+    pseudo_grad = jax.tree.map(jnp.negative, weighted_mean(result.outputs, weights))
     updates, opt_state = server_optimizer.update(pseudo_grad, opt_state, params)
     params = optax.apply_updates(params, updates)
     if mask is not None:
       params = masks.apply(params, mask)
-    metrics = {'train_loss': jnp.sum(weights * losses), 'client_loss': losses,
-               'clients': clients}
+    metrics = {'train_loss': jnp.sum(weights * result.loss), 'client_loss': result.loss,
+               'clients': drawn.clients, 'padding_ratio': result.padding_ratio}
     return params, opt_state, metrics
 
   return core, server_optimizer
@@ -131,8 +128,8 @@ def fedavg(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
       server_optimizer=server_optimizer, mapping=mapping)
   k = cohort.clients_per_round
 
-  def init(key: jax.Array, params: Any) -> FedAvgState:
-    del key  # deterministic
+  def init(key: jax.Array, params: Any, data: FederatedData | None = None) -> FedAvgState:
+    del key, data  # deterministic, data-free
     return FedAvgState(params=params, opt_state=server_optimizer.init(params),
                        round=jnp.zeros((), jnp.int32))
 
@@ -143,7 +140,7 @@ def fedavg(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
     metrics.update(bits_up=comm.per_client(bits, k), bits_down=comm.per_client(bits, k))
     return FedAvgState(params, opt_state, state.round + 1), metrics
 
-  return Algorithm(init=init, round=round_fn, eval_params=lambda state: state.params)
+  return Algorithm(init=init, round=round_fn, eval_params=lambda state, key: state.params)
 
 
 def fedavgm(apply_fn: Callable[..., jax.Array], *, server_learning_rate: float = 1.0,
@@ -162,3 +159,22 @@ def fedavgm(apply_fn: Callable[..., jax.Array], *, server_learning_rate: float =
     raise ValueError(f'server_momentum must be in [0, 1), got {server_momentum}.')
   return fedavg(apply_fn, server_optimizer=optax.sgd(server_learning_rate,
                                                      momentum=server_momentum), **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class FedAvgConfig:
+  """FedAvg has no hyperparameters of its own: its server optimizer is the shared one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FedAvgMConfig:
+  """FedAvgM has no hyperparameters of its own: ``server_optimizer='auto'`` means momentum."""
+
+
+registry.register(registry.Spec(
+    name='fedavg', hparams=FedAvgConfig, summary='FedAvg (McMahan et al., 2017), dense',
+    build=lambda hp, common: fedavg(common.apply_fn, **common.kwargs())))
+registry.register(registry.Spec(
+    name='fedavgm', hparams=FedAvgMConfig, server_momentum=True,
+    summary='FedAvgM (Hsu et al., 2019): FedAvg with server momentum, dense',
+    build=lambda hp, common: fedavg(common.apply_fn, **common.kwargs())))

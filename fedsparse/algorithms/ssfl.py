@@ -36,7 +36,7 @@ cost nothing because both sides hold ``m``. Warm-up rounds are dense.
 
 Choices and deviations (``ALGORITHMS.md``):
 
-* ``score='ssfl'`` (default) differentiates the cross-entropy; ``score='salientgrads'`` the
+* ``saliency_score='ssfl'`` (default) differentiates the cross-entropy; ``'salientgrads'`` the
   NLL of the raw logits, ``-mean(logit_y)``, as SalientGrads' published code did. SalientGrads
   reports the mean of per-client test accuracies (``client_accuracy_mean`` in metrics.jsonl),
   SSFL the pooled one (``test_accuracy``); both are always logged.
@@ -45,11 +45,15 @@ Choices and deviations (``ALGORITHMS.md``):
 * Scoring is merged into the first training round rather than being a round of its own, so
   ``num_rounds`` counts training rounds as for FedAvg (the official code scores in round 0 and
   trains in rounds 1..T-1). The scores use the client's first minibatch(es) of a shuffled epoch.
-* ``enforce='forward'`` trains ``w ⊙ m`` (pruned weights get no gradient, so neither weight
-  decay nor momentum can move them); ``enforce='step'`` trains dense and re-masks after every
+* ``mask_enforcement='forward'`` trains ``w ⊙ m`` (pruned weights get no gradient, so neither
+  weight decay nor momentum can move them); ``'step'`` trains dense and re-masks after every
   step, so gradient-norm clipping sees the dense gradient.
+
+Config: ``algorithm='ssfl'`` with the section ``config.ssfl`` holding :class:`SSFLConfig`'s
+fields, e.g. ``--config.ssfl.density=0.05``.
 """
 
+import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -58,16 +62,70 @@ import optax
 
 from fedsparse import comm
 from fedsparse import masks
+from fedsparse.algorithms import registry
 from fedsparse.algorithms.fedavg import fedavg_round_core
 from fedsparse.data import FederatedData
 from fedsparse.engine import (ENFORCEMENTS, Algorithm, ClientMapping, CohortConfig, LocalConfig,
-                              default_strategy, gather_batch, make_schedule, sum_clients)
+                              default_strategy, example_orders, gather_batch, server_key,
+                              sum_clients)
 
-__all__ = ['MASKS', 'SCORES', 'WEIGHTINGS', 'SSFLState', 'population_saliency', 'ssfl']
+__all__ = ['MASKS', 'SCORES', 'WEIGHTINGS', 'SSFLConfig', 'SSFLState', 'population_saliency',
+           'ssfl']
 
 MASKS = ('saliency', 'random_global', 'random_layerwise')
 SCORES = ('ssfl', 'salientgrads')
 WEIGHTINGS = ('uniform', 'weighted')
+
+
+def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
+  if value not in valid:
+    raise ValueError(f'Unknown {name} {value!r}; valid: {", ".join(valid)}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class SSFLConfig:
+  """SSFL's own hyperparameters (the config section ``ssfl``); defaults: the paper's CIFAR-10.
+
+  Attributes:
+    density: fraction d of prunable weights kept, in (0, 1].
+    mask: one of `MASKS`: ``'saliency'`` (SSFL), or the random global / per-layer baselines.
+    ties: `fedsparse.masks.TIES`: ``'index'`` (exactly ⌊d·P⌋ kept) or ``'keep'`` (SSFL code:
+      score ≥ k-th largest).
+    saliency_score: one of `SCORES`: ``'ssfl'`` (cross-entropy) or ``'salientgrads'`` (NLL of
+      raw logits).
+    saliency_batches: minibatches each client scores on.
+    saliency_weighting: one of `WEIGHTINGS`: mean over clients, uniform or by client size.
+    layerwise_allocation: per-layer densities of ``'random_layerwise'``
+      (`fedsparse.masks.ALLOCATIONS`); unused by the other masks.
+    mask_enforcement: one of `fedsparse.engine.ENFORCEMENTS`.
+    warmup_rounds: dense FedAvg rounds before scoring.
+  """
+  density: float = 0.5
+  mask: str = 'saliency'
+  ties: str = 'index'
+  saliency_score: str = 'ssfl'
+  saliency_batches: int = 1
+  saliency_weighting: str = 'uniform'
+  layerwise_allocation: str = 'uniform'
+  mask_enforcement: str = 'forward'
+  warmup_rounds: int = 0
+
+  def __post_init__(self):
+    if isinstance(self.density, bool) or not 0 < self.density <= 1:
+      raise ValueError(f'density must be in (0, 1], got {self.density!r}.')
+    _check('mask', self.mask, MASKS)
+    _check('ties rule', self.ties, masks.TIES)
+    _check('saliency score', self.saliency_score, SCORES)
+    _check('saliency weighting', self.saliency_weighting, WEIGHTINGS)
+    _check('layer-wise allocation', self.layerwise_allocation, masks.ALLOCATIONS)
+    _check('mask enforcement', self.mask_enforcement, ENFORCEMENTS)
+    if isinstance(self.warmup_rounds, bool) or not isinstance(self.warmup_rounds, int) or (
+        self.warmup_rounds < 0):
+      raise ValueError(f'warmup_rounds must be an integer >= 0, got {self.warmup_rounds!r}.')
+    if isinstance(self.saliency_batches, bool) or not isinstance(self.saliency_batches, int) or (
+        self.saliency_batches < 1):
+      raise ValueError(f'saliency_batches must be a positive integer, got '
+                       f'{self.saliency_batches!r}.')
 
 
 class SSFLState(NamedTuple):
@@ -76,11 +134,6 @@ class SSFLState(NamedTuple):
   opt_state: optax.OptState
   mask: Any  # boolean pytree like params; all True before scoring and for non-prunable leaves
   round: jax.Array  # int32 scalar
-
-
-def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
-  if value not in valid:
-    raise ValueError(f'Unknown {name} {value!r}; valid: {", ".join(valid)}.')
 
 
 def _score_loss(score: str, logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -125,14 +178,19 @@ def population_saliency(apply_fn: Callable[..., jax.Array], params: Any, data: F
     weights = jnp.full((n,), 1.0 / n, jnp.float32)
   else:
     weights = sizes / jnp.sum(sizes)
-  # An epoch schedule lists the client's shuffled data in minibatches; the first
-  # `num_batches` of them are the scoring data (partial/empty ones are masked).
+  # One shuffled epoch of the client's data; its first `num_batches` minibatches are the
+  # scoring data (partial or empty ones are masked).
   config = LocalConfig(batch_size=batch_size, local_epochs=1)
+  width = num_batches * batch_size
 
   def one_client(shared, client_id, weight):
     params_, data_ = shared
-    schedule = make_schedule(jax.random.fold_in(key, client_id), data_.client_index[client_id],
-                             data_.client_size[client_id], config)
+    size = data_.client_size[client_id]
+    order = example_orders(jax.random.fold_in(key, client_id), data_.client_index[client_id],
+                           size, config)[0]
+    order = jnp.pad(order, (0, max(0, width - order.shape[0])))[:width]
+    index = order.reshape(num_batches, batch_size)
+    valid = (jnp.arange(width) < size).reshape(num_batches, batch_size)
 
     def summed_loss(p, index, example_mask):
       batch = gather_batch(data_, index, example_mask)
@@ -141,13 +199,11 @@ def population_saliency(apply_fn: Callable[..., jax.Array], params: Any, data: F
       return jnp.sum(jnp.where(batch.mask, losses, 0.0))
 
     def body(grad_sum, xs):
-      index, example_mask = xs
-      g = jax.grad(summed_loss)(params_, index, example_mask)
+      g = jax.grad(summed_loss)(params_, *xs)
       return jax.tree.map(jnp.add, grad_sum, g), None
 
-    xs = (schedule.index[:num_batches], schedule.example_mask[:num_batches])
-    grad_sum, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params_), xs)
-    count = jnp.maximum(jnp.sum(xs[1], dtype=jnp.int32), 1).astype(jnp.float32)
+    grad_sum, _ = jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params_), (index, valid))
+    count = jnp.maximum(jnp.sum(valid, dtype=jnp.int32), 1).astype(jnp.float32)
     return jax.tree.map(
         lambda g, w, p: weight * jnp.abs(g / count * w) if p else jnp.zeros_like(w),
         grad_sum, params_, prunable)
@@ -171,102 +227,81 @@ def _scoring_mapping(mapping: ClientMapping) -> ClientMapping:
   return mapping
 
 
-def ssfl(apply_fn: Callable[..., jax.Array], *, density: float, cohort: CohortConfig,
-         local: LocalConfig, learning_rate: float, mask: str = 'saliency',
-         lr_decay: float = 1.0, server_optimizer: optax.GradientTransformation | None = None,
+def ssfl(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: LocalConfig,
+         learning_rate: float, lr_decay: float = 1.0,
+         server_optimizer: optax.GradientTransformation | None = None,
          mapping: ClientMapping = ClientMapping(), prunable: Callable[..., bool] | None = None,
-         ties: str = 'index', score: str = 'ssfl', saliency_batches: int = 1,
-         saliency_weighting: str = 'uniform', layerwise_allocation: str = 'uniform',
-         enforce: str = 'forward', warmup_rounds: int = 0) -> Algorithm:
+         **hparams: Any) -> Algorithm:
   """SSFL / SalientGrads: a static global mask from aggregated client saliency.
 
   Args:
     apply_fn: the flax ``Module.apply`` of the model.
-    density: fraction d of prunable weights kept, in (0, 1].
     cohort: cohort size, sampling and aggregation weighting of the training rounds.
     local: local training settings; its ``batch_size`` is also the scoring minibatch size.
     learning_rate: client learning rate at round 0.
-    mask: one of `MASKS`: ``'saliency'`` (SSFL), or the random global / per-layer baselines.
     lr_decay: per-round decay of the client learning rate.
     server_optimizer: optax optimizer on −Δ̄ (``sgd(1.0)``: FedAvg; with momentum: FedAvgM).
     mapping: how clients are mapped (training rounds; scoring uses it too, with ``vmap``
       replaced by ``chunked`` to bound memory over the whole population).
     prunable: optional predicate ``(path, leaf) -> bool`` overriding which leaves are pruned
       (default: conv and dense kernels; see `fedsparse.masks.prunable_leaves`).
-    ties: `fedsparse.masks.TIES`: ``'index'`` (exact count) or ``'keep'`` (SSFL code).
-    score: one of `SCORES`.
-    saliency_batches: minibatches each client scores on.
-    saliency_weighting: one of `WEIGHTINGS`.
-    layerwise_allocation: per-layer densities of ``'random_layerwise'``
-      (`fedsparse.masks.ALLOCATIONS`); unused by the other masks.
-    enforce: one of `fedsparse.engine.ENFORCEMENTS`.
-    warmup_rounds: dense FedAvg rounds before scoring.
+    **hparams: the fields of :class:`SSFLConfig` (``density``, ``mask``, ...).
 
   Returns:
     An :class:`~fedsparse.engine.Algorithm` with :class:`SSFLState`.
   """
-  if not 0 < density <= 1:
-    raise ValueError(f'density must be in (0, 1], got {density}.')
-  _check('mask', mask, MASKS)
-  _check('ties rule', ties, masks.TIES)
-  _check('saliency score', score, SCORES)
-  _check('saliency weighting', saliency_weighting, WEIGHTINGS)
-  _check('layer-wise allocation', layerwise_allocation, masks.ALLOCATIONS)
-  _check('mask enforcement', enforce, ENFORCEMENTS)
-  if warmup_rounds < 0:
-    raise ValueError(f'warmup_rounds must be >= 0, got {warmup_rounds}.')
-  if saliency_batches < 1:
-    raise ValueError(f'saliency_batches must be positive, got {saliency_batches}.')
+  hp = SSFLConfig(**hparams)
   core, server_optimizer = fedavg_round_core(
       apply_fn, cohort=cohort, local=local, learning_rate=learning_rate, lr_decay=lr_decay,
-      server_optimizer=server_optimizer, mapping=mapping, enforce=enforce)
+      server_optimizer=server_optimizer, mapping=mapping, enforce=hp.mask_enforcement)
   k = cohort.clients_per_round
   scoring_mapping = _scoring_mapping(mapping)
 
-  def init(key: jax.Array, params: Any) -> SSFLState:
-    del key  # the mask is drawn in the scoring round, from that round's key
+  def init(key: jax.Array, params: Any, data: FederatedData | None = None) -> SSFLState:
+    del key, data  # the mask is drawn in the scoring round, from that round's key
     prunable_ = masks.prunable_leaves(params, prunable)  # fails on nothing to prune
     p_prunable = masks.num_prunable(params, prunable_)
-    if masks.keep_count(density, p_prunable) < 1:
-      raise ValueError(f'density {density} keeps no weight of the {p_prunable} prunable ones; '
-                       f'use at least {1 / p_prunable:.2g}.')
+    if masks.keep_count(hp.density, p_prunable) < 1:
+      raise ValueError(f'density {hp.density} keeps no weight of the {p_prunable} prunable '
+                       f'ones; use at least {1 / p_prunable:.2g}.')
     return SSFLState(params=params, opt_state=server_optimizer.init(params),
                      mask=masks.ones_like(params), round=jnp.zeros((), jnp.int32))
 
   def make_mask(params, data, key, prunable_):
-    if mask == 'saliency':
+    if hp.mask == 'saliency':
       scores = population_saliency(
           apply_fn, params, data, key, prunable=prunable_, batch_size=local.batch_size,
-          num_batches=saliency_batches, score=score, weighting=saliency_weighting,
-          mapping=scoring_mapping)
-      return masks.global_topk(scores, prunable_, density, ties)
-    if mask == 'random_global':
-      return masks.random_mask(key, params, prunable_, density, 'global')
-    return masks.random_mask(key, params, prunable_, density, 'layerwise', layerwise_allocation)
+          num_batches=hp.saliency_batches, score=hp.saliency_score,
+          weighting=hp.saliency_weighting, mapping=scoring_mapping)
+      return masks.global_topk(scores, prunable_, hp.density, hp.ties)
+    if hp.mask == 'random_global':
+      return masks.random_mask(key, params, prunable_, hp.density, 'global')
+    return masks.random_mask(key, params, prunable_, hp.density, 'layerwise',
+                             hp.layerwise_allocation)
 
   def round_fn(state: SSFLState, data: FederatedData, key: jax.Array
                ) -> tuple[SSFLState, dict[str, jax.Array]]:
-    mask_key, train_key = jax.random.split(key)
     prunable_ = masks.prunable_leaves(state.params, prunable)
-    scoring = state.round == warmup_rounds
+    scoring = state.round == hp.warmup_rounds
 
     def score():
-      new_mask = make_mask(state.params, data, mask_key, prunable_)
+      new_mask = make_mask(state.params, data, server_key(key), prunable_)
       return new_mask, masks.apply(state.params, new_mask)
 
     # After scoring, the params are already masked (the core re-masks after every update), so
     # only the scoring round applies the mask to them.
     mask_, params = jax.lax.cond(scoring, score, lambda: (state.mask, state.params))
-    params, opt_state, metrics = core(params, state.opt_state, state.round, data, train_key,
+    # The cohort comes from the round key exactly as FedAvg's does: paired comparisons.
+    params, opt_state, metrics = core(params, state.opt_state, state.round, data, key,
                                       mask=mask_)
 
     # Training traffic: kept prunable values + dense non-prunable leaves (mask all True there).
     bits = comm.known_positions_bits(mask_)
     p_prunable = masks.num_prunable(state.params, prunable_)
     # One-time, every client: dense float32 scores up; the mask (and warm-up weights) down.
-    once_up = comm.FLOAT_BITS * p_prunable if mask == 'saliency' else 0
+    once_up = comm.FLOAT_BITS * p_prunable if hp.mask == 'saliency' else 0
     once_down = comm.raw_mask_bits(p_prunable) + (
-        comm.dense_bits(state.params) if warmup_rounds > 0 else 0)
+        comm.dense_bits(state.params) if hp.warmup_rounds > 0 else 0)
     n = data.num_clients
     metrics.update(
         bits_up=comm.per_client(bits, k), bits_down=comm.per_client(bits, k),
@@ -275,4 +310,16 @@ def ssfl(apply_fn: Callable[..., jax.Array], *, density: float, cohort: CohortCo
         density=masks.density(mask_, prunable_))
     return SSFLState(params, opt_state, mask_, state.round + 1), metrics
 
-  return Algorithm(init=init, round=round_fn, eval_params=lambda state: state.params)
+  return Algorithm(init=init, round=round_fn, eval_params=lambda state, key: state.params)
+
+
+def _check_run(hp: SSFLConfig, config: Any) -> None:
+  if hp.warmup_rounds >= config.num_rounds:
+    raise ValueError(f'ssfl.warmup_rounds must be in [0, num_rounds = {config.num_rounds}), got '
+                     f'{hp.warmup_rounds}: the mask would never be chosen.')
+
+
+registry.register(registry.Spec(
+    name='ssfl', hparams=SSFLConfig, check=_check_run,
+    summary='SalientGrads / SSFL: static global mask from every client\'s saliency',
+    build=lambda hp, common: ssfl(common.apply_fn, **common.kwargs(), **dataclasses.asdict(hp))))

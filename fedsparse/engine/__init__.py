@@ -1,20 +1,31 @@
-"""The federated round engine: client mapping, local training, sampling and aggregation."""
+"""The federated round engine: client programs, client mapping, sampling and aggregation."""
 
 from fedsparse.engine.algorithm import Algorithm
+from fedsparse.engine.client import (ENFORCEMENTS, Broadcast, ClientInfo, ClientProgram,
+                                     CohortResult, Context, EpochInfo, Gradients, SGDState,
+                                     StepInfo, bernoulli_mask, client_minibatches,
+                                     identity_transform,
+                                     masked_transform, run_clients, sgd_client,
+                                     supervised_loss)
+from fedsparse.engine.cohort import (Cohort, CohortConfig, aggregation_weights, draw_cohort,
+                                     sample_cohort, server_key, weighted_mean)
 from fedsparse.engine.compilation import CPU_COMPILER_OPTIONS, compiler_options, jit
-from fedsparse.engine.cohort import (CohortConfig, aggregation_weights, sample_cohort,
-                                     weighted_mean)
 from fedsparse.engine.evaluation import make_evaluator
-from fedsparse.engine.local import (ENFORCEMENTS, LR_SCHEDULES, Batch, LocalConfig, Schedule,
-                                    client_optimizer, cross_entropy, gather_batch,
-                                    make_schedule, run_local, sgd_step, steps_per_epoch)
-from fedsparse.engine.mapping import (STRATEGIES, ClientMapping, default_strategy, map_clients,
-                                      sum_clients)
+from fedsparse.engine.local import (LR_SCHEDULES, PARTIAL_BATCHES, Batch, LocalConfig,
+                                    StepSlice, client_optimizer, client_steps, cross_entropy,
+                                    example_orders, gather_batch, host_minibatches, step_slice,
+                                    steps_per_epoch)
+from fedsparse.engine.mapping import (STRATEGIES, ClientMapping, computed_iterations,
+                                      default_strategy, map_clients, sum_clients)
 
 __all__ = [
-    'CPU_COMPILER_OPTIONS', 'ENFORCEMENTS', 'LR_SCHEDULES', 'STRATEGIES', 'Algorithm', 'Batch',
-    'ClientMapping', 'CohortConfig', 'LocalConfig', 'Schedule', 'aggregation_weights',
-    'client_optimizer', 'compiler_options', 'cross_entropy', 'default_strategy', 'gather_batch',
-    'jit', 'make_evaluator', 'make_schedule', 'map_clients', 'run_local', 'sample_cohort',
-    'sgd_step', 'steps_per_epoch', 'sum_clients', 'weighted_mean',
+    'CPU_COMPILER_OPTIONS', 'ENFORCEMENTS', 'LR_SCHEDULES', 'PARTIAL_BATCHES', 'STRATEGIES',
+    'Algorithm', 'Batch', 'Broadcast', 'ClientInfo', 'ClientMapping', 'ClientProgram', 'Cohort',
+    'CohortConfig', 'CohortResult', 'Context', 'EpochInfo', 'Gradients', 'LocalConfig',
+    'SGDState', 'StepInfo', 'StepSlice', 'aggregation_weights', 'bernoulli_mask',
+    'client_minibatches', 'client_optimizer', 'client_steps', 'compiler_options', 'computed_iterations',
+    'cross_entropy', 'default_strategy', 'draw_cohort', 'example_orders', 'gather_batch',
+    'host_minibatches', 'identity_transform', 'jit', 'make_evaluator', 'map_clients',
+    'masked_transform', 'run_clients', 'sample_cohort', 'server_key', 'sgd_client', 'step_slice',
+    'steps_per_epoch', 'sum_clients', 'supervised_loss', 'weighted_mean',
 ]

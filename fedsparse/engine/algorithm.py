@@ -1,29 +1,51 @@
-"""The algorithm interface: a pair of pure functions, in the manner of ``optax``."""
+"""The algorithm interface: a pair of pure functions, in the manner of ``optax``.
+
+Bits. Every round reports the bits each participant sends and receives. A count that is a fixed
+formula of shapes and masks (dense float32, values at known positions, a raw bitmap) is computed
+inside the jitted round (`fedsparse.comm`) and returned as ``bits_up`` / ``bits_down``. A length
+that depends on the data in a way jit cannot compute (an arithmetic-coded mask, the cheapest of
+several position encodings) follows one rule: the round returns what is sent, or sufficient
+statistics of it, under metric names starting with ``payload_``; the algorithm's ``host_bits``
+turns them, on the host, into per-client bit counts with `fedsparse.comm`; the run loop adds
+those to the round's totals and never logs the payloads themselves.
+"""
 
 from typing import Any, Callable, NamedTuple
 
 import jax
+import numpy as np
 
 from fedsparse.data import FederatedData
 
-__all__ = ['Algorithm']
+__all__ = ['PAYLOAD_PREFIX', 'Algorithm']
+
+# Metrics whose name starts with this are payloads for `Algorithm.host_bits`, not logged.
+PAYLOAD_PREFIX = 'payload_'
 
 
 class Algorithm(NamedTuple):
   """A federated algorithm.
 
   Attributes:
-    init: ``init(key, params) -> state``. ``params`` are the freshly initialised model params;
-      the state is a small pytree of arrays with an int32 ``round`` counter.
+    init: ``init(key, params, data) -> state``. ``params`` are the freshly initialised model
+      params; ``data`` the federated data, for one-time work that needs it (e.g. FLASH's
+      density hunting) -- most algorithms ignore it. The state is a small pytree of arrays with
+      an int32 ``round`` counter. The key is the algorithm's own stream (not the model init's).
     round: ``round(state, data, key) -> (state, metrics)``, one whole federated round, meant to be
       wrapped in ONE ``jax.jit`` (`fedsparse.engine.jit`). ``metrics`` holds at least
       ``train_loss`` (scalar), ``client_loss`` and ``clients`` ([K]), ``bits_up`` and
       ``bits_down`` ([K] int32 per participant); optionally ``bits_up_all`` and
       ``bits_down_all`` ([N] int32, one entry per client of the population) for traffic that
-      involves every client, e.g. SSFL's one-time saliency upload, and further scalars, which
-      the run loop logs as they are.
-    eval_params: ``eval_params(state) -> params`` of the global model to evaluate.
+      involves every client, e.g. SSFL's one-time saliency upload; ``payload_*`` entries for
+      ``host_bits`` (see the module docstring); and further scalars, which the run loop logs as
+      they are (e.g. ``padding_ratio``).
+    eval_params: ``eval_params(state, key) -> params`` of the global model to evaluate (a
+      stochastic model such as FedPM's samples with ``key``).
+    host_bits: optional ``host_bits(metrics) -> {'bits_up': [K], 'bits_down': [K]}`` (NumPy
+      int64, either key optional) computed on the host from the round's ``payload_*`` metrics,
+      added to the round's bits.
   """
-  init: Callable[[jax.Array, Any], Any]
+  init: Callable[[jax.Array, Any, FederatedData], Any]
   round: Callable[[Any, FederatedData, jax.Array], tuple[Any, dict[str, jax.Array]]]
-  eval_params: Callable[[Any], Any]
+  eval_params: Callable[[Any, jax.Array], Any]
+  host_bits: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None

@@ -1,44 +1,40 @@
-"""Local training of one client: its minibatch schedule and a ``lax.scan`` over SGD steps.
+"""Local training data of one client: its minibatch order, step counts and the client optimizer.
 
-Every client runs the same, static number of steps so that clients can be mapped over a batch
-axis. A client with fewer examples than the largest has its surplus steps *frozen*: the step is
-computed and discarded with ``jnp.where(active, new, old)``. Examples past the end of a client's
-data inside its last minibatch are masked out of the loss.
+A client's round is a number of steps that depends on its own data: ``local_epochs`` passes over
+its ``n_k`` examples of ``ceil(n_k / batch_size)`` steps each (the last minibatch of an epoch
+partial, like PyTorch's ``DataLoader`` with ``drop_last=False``), or a fixed ``local_steps``
+steps, each on a fresh minibatch of ``min(batch_size, n_k)`` distinct examples. The client loop
+(`fedsparse.engine.client`) runs exactly these steps and no padding step.
 
-Two schedules:
-
-* epochs (``local_steps=0``): ``local_epochs`` passes over the client's data, reshuffled each
-  epoch, ``ceil(n_k / batch_size)`` steps per epoch, the last minibatch partial (like PyTorch's
-  ``DataLoader`` with ``drop_last=False``).
-* fixed steps (``local_steps=S > 0``): S steps, each on a fresh minibatch of
-  ``min(batch_size, n_k)`` distinct examples of the client.
-
-The client's data never leaves device memory: a schedule is an array of indices into the
-federated training set, and images are gathered and normalised inside the jitted step.
+A client's minibatches are rows of an *order*: one uniformly random permutation of its examples
+per epoch (per step in fixed-steps mode), as indices into the federated training set. Step ``t``
+reads ``count`` consecutive entries of one row from an offset (:func:`step_slice`); images are
+gathered and normalised inside the jitted step, so the client's data never leaves the device.
 """
 
 import dataclasses
-from typing import Any, Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from fedsparse import masks as masks_lib
 from fedsparse.data import FederatedData, normalize
 
 __all__ = [
-    'ENFORCEMENTS',
     'LR_SCHEDULES',
+    'PARTIAL_BATCHES',
     'Batch',
     'LocalConfig',
-    'Schedule',
+    'StepSlice',
     'client_optimizer',
+    'client_steps',
     'cross_entropy',
-    'make_schedule',
+    'example_orders',
     'gather_batch',
-    'run_local',
-    'sgd_step',
+    'host_minibatches',
+    'step_slice',
     'steps_per_epoch',
 ]
 
@@ -60,6 +56,9 @@ class Schedule(NamedTuple):
 
 # Client learning-rate schedules within a round (see `LocalConfig`).
 LR_SCHEDULES = ('constant', 'cosine')
+# How a minibatch smaller than `batch_size` (an epoch's last, or a client smaller than a batch) is
+# computed; see `LocalConfig.partial_batches`.
+PARTIAL_BATCHES = ('split', 'pad')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +79,13 @@ class LocalConfig:
     cosine_epochs: the period P in local epochs (0: ``local_epochs``). An epoch is
       ``ceil(n_k / batch_size)`` steps of client k, also in fixed-steps mode.
     cosine_min_lr: the floor of the cosine.
+    partial_batches: one of `PARTIAL_BATCHES`: how a minibatch of ``r < batch_size`` examples is
+      computed when clients run one after another. ``'split'`` computes its gradient in pieces
+      of the powers of two that sum to ``r`` (21 = 16 + 4 + 1), so no padded example is ever
+      computed; this is exact for losses that are sums over examples (every model here: no
+      batch normalisation). ``'pad'`` computes a full ``batch_size`` minibatch with the surplus
+      examples masked out of the loss. Clients mapped under ``vmap`` always pad (a data-
+      dependent branch under ``vmap`` would compute every piece).
   """
   batch_size: int = 32
   local_epochs: int = 1
@@ -90,8 +96,19 @@ class LocalConfig:
   lr_schedule: str = 'constant'
   cosine_epochs: int = 0
   cosine_min_lr: float = 1e-5
+  partial_batches: str = 'split'
 
   def __post_init__(self):
+    for name in ('batch_size', 'local_epochs'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+    if isinstance(self.local_steps, bool) or not isinstance(self.local_steps, int) or (
+        self.local_steps < 0):
+      raise ValueError(f'local_steps must be an integer >= 0, got {self.local_steps!r}.')
+    if self.partial_batches not in PARTIAL_BATCHES:
+      raise ValueError(f'Unknown partial_batches {self.partial_batches!r}; valid: '
+                       f'{", ".join(PARTIAL_BATCHES)}.')
     if self.lr_schedule not in LR_SCHEDULES:
       raise ValueError(f'Unknown lr_schedule {self.lr_schedule!r}; valid: '
                        f'{", ".join(LR_SCHEDULES)}.')
@@ -104,11 +121,10 @@ class LocalConfig:
       raise ValueError('lr_schedule=cosine with local_steps > 0 needs cosine_epochs > 0 (the '
                        'period in epochs of ceil(n_k / batch_size) steps).')
 
-  def num_steps(self, max_client_size: int) -> int:
-    """The static number of scan steps every client runs."""
-    if self.local_steps > 0:
-      return self.local_steps
-    return self.local_epochs * steps_per_epoch(max_client_size, self.batch_size)
+  @property
+  def num_epochs(self) -> int:
+    """Epochs of the client loop: ``local_epochs``, or one epoch of ``local_steps`` steps."""
+    return 1 if self.local_steps > 0 else self.local_epochs
 
 
 def steps_per_epoch(n, batch_size):
@@ -165,45 +181,78 @@ def _masked_permutation(key: jax.Array, size: jax.Array, length: int) -> jax.Arr
   return jnp.argsort(u).astype(jnp.int32)
 
 
-def make_schedule(key: jax.Array, client_index: jax.Array, client_size: jax.Array,
-                  config: LocalConfig) -> Schedule:
-  """Draws one client's minibatch schedule for a round.
+def order_width(max_client_size: int, config: LocalConfig) -> int:
+  """Static width of an order row: every step's slice ``[offset, offset + batch_size)`` fits."""
+  if config.local_steps > 0:
+    return max(max_client_size, config.batch_size)
+  return steps_per_epoch(max_client_size, config.batch_size) * config.batch_size
+
+
+def example_orders(key: jax.Array, client_index: jax.Array, client_size: jax.Array,
+                   config: LocalConfig) -> jax.Array:
+  """Draws one client's example orders for a round.
 
   Args:
-    key: the client's PRNG key for this round.
-    client_index: [Nmax] int32 training-set indices of the client (padded).
-    client_size: int32 scalar, the client's number of examples n_k.
+    key: the client's PRNG key for its data order this round.
+    client_index: ``[Nmax]`` int32 training-set indices of the client (padded).
+    client_size: int32 scalar, the client's number of examples ``n_k``.
     config: local training settings.
 
   Returns:
-    A :class:`Schedule` with ``config.num_steps(Nmax)`` steps.
+    ``[R, W]`` int32 training-set indices: row ``e`` is a uniform permutation of the client's
+    examples in its first ``n_k`` entries (``R = local_epochs`` rows, one per epoch, or
+    ``local_steps`` rows, one per step), padded up to the static width `order_width`.
   """
   nmax = client_index.shape[0]
+  rows = config.local_steps if config.local_steps > 0 else config.local_epochs
+  keys = jax.random.split(key, rows)
+  perms = jax.vmap(lambda k: _masked_permutation(k, client_size, nmax))(keys)
+  perms = jnp.pad(perms, ((0, 0), (0, order_width(nmax, config) - nmax)))
+  return jnp.take(client_index, perms, axis=0)
+
+
+def client_steps(client_size, config: LocalConfig):
+  """``(steps per epoch, steps in the round)`` of a client of ``client_size`` examples.
+
+  Works on Python ints, NumPy and JAX int arrays alike. An empty client runs no step.
+  """
+  if config.local_steps > 0:
+    if isinstance(client_size, jax.Array):
+      steps = jnp.where(client_size > 0, config.local_steps, 0).astype(jnp.int32)
+    else:
+      steps = np.where(np.asarray(client_size) > 0, config.local_steps, 0)
+      steps = int(steps) if np.ndim(steps) == 0 else steps
+    return steps, steps
+  spe = steps_per_epoch(client_size, config.batch_size)
+  return spe, config.local_epochs * spe
+
+
+class StepSlice(NamedTuple):
+  """Where step ``t`` of a client reads its minibatch in the client's orders."""
+  epoch: jax.Array  # int32: the local epoch (0 in fixed-steps mode)
+  step_in_epoch: jax.Array  # int32
+  row: jax.Array  # int32 row of the orders
+  offset: jax.Array  # int32 first entry of the row
+  count: jax.Array  # int32 examples in the minibatch, 1..batch_size
+
+
+def step_slice(t, client_size, config: LocalConfig) -> StepSlice:
+  """The minibatch of step ``t`` (``0 <= t < client_steps(...)[1]``) of a client.
+
+  Works on Python ints and (traced) int32 arrays alike.
+  """
   b = config.batch_size
   if config.local_steps > 0:
-    keys = jax.random.split(key, config.local_steps)
-    perms = jax.vmap(lambda k: _masked_permutation(k, client_size, nmax))(keys)
-    if nmax < b:  # every minibatch is the whole client, padded
-      perms = jnp.pad(perms, ((0, 0), (0, b - nmax)))
-    pos = perms[:, :b]
-    example_mask = jnp.broadcast_to(jnp.arange(b) < client_size, pos.shape)
-    active = jnp.full((config.local_steps,), client_size > 0)
-    epoch = jnp.zeros((config.local_steps,), jnp.int32)
-  else:
-    spe = steps_per_epoch(nmax, b)
-    keys = jax.random.split(key, config.local_epochs)
-    perms = jax.vmap(lambda k: _masked_permutation(k, client_size, nmax))(keys)
-    perms = jnp.pad(perms, ((0, 0), (0, spe * b - nmax)))  # [E, spe*B]
-    slot = jnp.arange(spe * b)
-    example_mask = jnp.broadcast_to(slot < client_size, perms.shape)
-    pos = perms.reshape(-1, b)
-    example_mask = example_mask.reshape(-1, b)
-    step_in_epoch = jnp.tile(jnp.arange(spe), config.local_epochs)
-    active = step_in_epoch < steps_per_epoch(client_size, b)
-    epoch = jnp.repeat(jnp.arange(config.local_epochs, dtype=jnp.int32), spe)
-  index = jnp.take(client_index, pos, axis=0)
-  return Schedule(index=index, example_mask=example_mask & active[:, None],
-                  active=active, epoch=epoch)
+    zero = t * 0
+    count = jnp.minimum(client_size, b) if isinstance(t, jax.Array) else min(client_size, b)
+    return StepSlice(epoch=zero, step_in_epoch=t, row=t, offset=zero, count=count)
+  spe = steps_per_epoch(client_size, b)
+  epoch, step_in_epoch = t // spe, t % spe
+  offset = step_in_epoch * b
+  rest = client_size - offset
+  count = jnp.minimum(rest, b) if isinstance(rest, jax.Array) else min(rest, b)
+  return StepSlice(epoch=epoch, step_in_epoch=step_in_epoch, row=epoch, offset=offset,
+                   count=count)
 
 
 def gather_batch(data: FederatedData, index: jax.Array, mask: jax.Array) -> Batch:
@@ -212,83 +261,17 @@ def gather_batch(data: FederatedData, index: jax.Array, mask: jax.Array) -> Batc
   return Batch(x=x, y=jnp.take(data.y_train, index, axis=0), mask=mask)
 
 
-StepFn = Callable[[Any, Any, Batch, jax.Array], tuple[Any, Any, jax.Array]]
+def host_minibatches(orders: np.ndarray, client_size: int, config: LocalConfig
+                     ) -> list[np.ndarray]:
+  """The training-set indices of every step of one client, as NumPy arrays (for references).
 
-
-def run_local(step_fn: StepFn, params: Any, opt_state: Any, schedule: Schedule,
-              data: FederatedData, key: jax.Array) -> tuple[Any, Any, jax.Array]:
-  """Runs a client's schedule with ``lax.scan``, freezing inactive steps.
-
-  Args:
-    step_fn: ``(params, opt_state, batch, key) -> (params, opt_state, loss)``, one SGD step.
-    params: the client's starting parameters.
-    opt_state: the client optimizer's starting state.
-    schedule: the client's :class:`Schedule`.
-    data: the federated data (for gathering minibatches).
-    key: PRNG key for stochastic steps (one key per step is split from it).
-
-  Returns:
-    ``(params, opt_state, mean_loss)`` -- the loss averaged over the active steps.
+  ``orders`` is the client's `example_orders`; step ``t`` uses ``result[t]``. This is what the
+  jitted client loop trains on, for Python-loop baselines and hand-computed tests.
   """
-  num_steps = schedule.active.shape[0]
-  keys = jax.random.split(key, num_steps)
-
-  def body(carry, xs):
-    params, opt_state, loss_sum = carry
-    index, example_mask, active, step_key = xs
-    batch = gather_batch(data, index, example_mask)
-    new_params, new_opt_state, loss = step_fn(params, opt_state, batch, step_key)
-    # Padding steps are computed (shapes are static) but leave no trace.
-    params, opt_state = jax.tree.map(lambda n, o: jnp.where(active, n, o),
-                                     (new_params, new_opt_state), (params, opt_state))
-    loss_sum = loss_sum + jnp.where(active, loss, 0.0)
-    return (params, opt_state, loss_sum), None
-
-  init = (params, opt_state, jnp.zeros((), jnp.float32))
-  xs = (schedule.index, schedule.example_mask, schedule.active, keys)
-  (params, opt_state, loss_sum), _ = jax.lax.scan(body, init, xs)
-  num_active = jnp.maximum(jnp.sum(schedule.active, dtype=jnp.int32), 1)
-  return params, opt_state, loss_sum / num_active.astype(jnp.float32)
-
-
-# How a weight mask is enforced during local training (see `sgd_step`).
-ENFORCEMENTS = ('forward', 'step')
-
-
-def sgd_step(apply_fn: Callable[..., jax.Array], optimizer: optax.GradientTransformation, *,
-             mask: Any = None, enforce: str = 'forward') -> StepFn:
-  """A supervised SGD step on the masked cross-entropy, optionally under a weight mask.
-
-  Args:
-    apply_fn: the flax ``Module.apply``.
-    optimizer: the client optimizer.
-    mask: optional boolean pytree like the params (True = kept).
-    enforce: one of `ENFORCEMENTS`. ``'forward'``: the model runs on ``w ⊙ m``, so pruned
-      weights get a zero gradient and -- starting at zero -- stay zero under weight decay and
-      momentum too. ``'step'``: the model runs on ``w`` and every update is re-masked after the
-      step (the dense gradient, e.g. for clipping, includes pruned positions).
-
-  Returns:
-    ``step(params, opt_state, batch, key) -> (params, opt_state, loss)``.
-  """
-  if enforce not in ENFORCEMENTS:
-    raise ValueError(f'Unknown mask enforcement {enforce!r}; valid: {", ".join(ENFORCEMENTS)}.')
-  forward_mask = mask if enforce == 'forward' else None
-  step_mask = mask if enforce == 'step' else None
-
-  def loss_fn(params, batch):
-    if forward_mask is not None:
-      params = masks_lib.apply(params, forward_mask)
-    logits = apply_fn({'params': params}, batch.x, train=True)
-    return cross_entropy(logits, batch.y, batch.mask)
-
-  def step(params, opt_state, batch, key):
-    del key  # deterministic model
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    if step_mask is not None:
-      params = masks_lib.apply(params, step_mask)
-    return params, opt_state, loss
-
-  return step
+  orders = np.asarray(orders)
+  _, steps = client_steps(int(client_size), config)
+  out = []
+  for t in range(steps):
+    s = step_slice(t, int(client_size), config)
+    out.append(orders[s.row, s.offset:s.offset + s.count])
+  return out

@@ -21,6 +21,16 @@ Strategies:
 reduces them as it goes, so that work over a whole population (e.g. saliency scores of 1,000
 clients) costs one client's (one chunk's) memory.
 
+Uneven clients. Given the clients' sizes, :func:`map_clients` lays the cohort out so that the
+work follows the examples clients really hold. A client's loop has a data-dependent trip count;
+run one after another (``sequential``) each client costs exactly its own steps. Under ``vmap`` a
+loop runs until its slowest lane is done, so batched strategies sort the cohort by size and run
+groups of similar clients together (``chunked``: groups of ``chunk_size``; ``vmap``:
+``size_groups`` groups), each group only as long as its own largest client; ``sharded`` deals
+the size-sorted cohort over the devices in snake order, so every device gets a similar share.
+Results always come back in cohort order. :func:`computed_iterations` counts the loop
+iterations a layout computes, padding lanes included, for the padding ratio the round logs.
+
 Example::
 
   >>> mapping = ClientMapping('chunked', chunk_size=4)
@@ -34,7 +44,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-__all__ = ['STRATEGIES', 'ClientMapping', 'default_strategy', 'map_clients', 'sum_clients']
+__all__ = ['STRATEGIES', 'ClientMapping', 'computed_iterations', 'default_strategy',
+           'map_clients', 'sum_clients']
 
 STRATEGIES = ('auto', 'vmap', 'chunked', 'sequential', 'sharded')
 _LOCAL_STRATEGIES = ('vmap', 'chunked', 'sequential')
@@ -64,10 +75,14 @@ class ClientMapping:
       ``inner='chunked'``).
     inner: how each device maps its share of clients under ``sharded``; ``auto`` follows the
       backend like the top-level ``auto``.
+    size_groups: for ``vmap`` of clients of known sizes: the size-sorted cohort is split into
+      this many equal groups, run one after another, each as long as its own largest client
+      (1: one ``vmap`` over the whole cohort).
   """
   strategy: str = 'auto'
   chunk_size: int = 8
   inner: str = 'auto'
+  size_groups: int = 1
 
   def __post_init__(self):
     if self.strategy not in STRATEGIES:
@@ -76,8 +91,10 @@ class ClientMapping:
     if self.inner not in ('auto',) + _LOCAL_STRATEGIES:
       raise ValueError(f'Unknown inner strategy {self.inner!r} for sharded mapping; valid: '
                        f'{", ".join(("auto",) + _LOCAL_STRATEGIES)}.')
-    if self.chunk_size < 1:
-      raise ValueError(f'chunk_size must be a positive integer, got {self.chunk_size}.')
+    for name in ('chunk_size', 'size_groups'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f'{name} must be a positive integer, got {value!r}.')
 
   def resolved(self) -> str:
     """The concrete strategy name (``auto`` replaced by the backend's default)."""
@@ -90,6 +107,14 @@ class ClientMapping:
     if strategy == 'sharded':
       strategy = default_strategy() if self.inner == 'auto' else self.inner
     return strategy in ('vmap', 'chunked')
+
+  @property
+  def local_strategy(self) -> str:
+    """The strategy each device runs: the resolved strategy, or ``inner`` under sharding."""
+    strategy = self.resolved()
+    if strategy == 'sharded':
+      return default_strategy() if self.inner == 'auto' else self.inner
+    return strategy
 
 
 def _map_local(strategy: str, fn: Callable[..., Any], shared: Any, xs: tuple[Any, ...],
@@ -119,21 +144,132 @@ def _pad_leading(tree: Any, multiple: int) -> tuple[Any, int]:
   return jax.tree.map(pad_leaf, tree), n
 
 
+def _group_len(strategy: str, num: int, mapping: 'ClientMapping') -> int:
+  """Clients per ``vmap`` group of a local strategy over ``num`` clients of known sizes."""
+  if strategy == 'chunked':
+    return min(mapping.chunk_size, num)
+  if strategy == 'vmap':
+    return -(-num // min(mapping.size_groups, num))
+  return 1
+
+
+def _pad_sized(sizes: jax.Array, tree: Any, multiple: int) -> tuple[jax.Array, Any]:
+  """Pads the client axis to a multiple; padding clients repeat row 0 with size 0 (no work)."""
+  (tree, sizes), n = _pad_leading((tree, sizes), multiple)
+  sizes = jnp.where(jnp.arange(sizes.shape[0]) < n, sizes, 0)
+  return sizes, tree
+
+
+def _size_order(sizes: jax.Array, num_real: int) -> jax.Array:
+  """A stable ascending order by size with padding clients (rows >= num_real) first."""
+  key = jnp.where(jnp.arange(sizes.shape[0]) < num_real, sizes, -1)
+  return jnp.argsort(key, stable=True)
+
+
+def _map_sized_local(strategy: str, fn: Callable[..., Any], shared: Any, sizes: jax.Array,
+                     xs: tuple[Any, ...], mapping: 'ClientMapping') -> Any:
+  """``fn(shared, size, *x)`` per client on the current device(s), size-grouped under vmap."""
+  def one(size, x):
+    return fn(shared, size, *x)
+
+  n = sizes.shape[0]
+  if strategy == 'sequential':
+    return jax.lax.map(lambda a: one(*a), (sizes, xs))
+  if strategy not in ('vmap', 'chunked'):
+    raise ValueError(
+        f'Unknown local strategy {strategy!r}; valid: {", ".join(_LOCAL_STRATEGIES)}.')
+  group = _group_len(strategy, n, mapping)
+  sizes_p, xs_p = _pad_sized(sizes, xs, group)
+  order = _size_order(sizes_p, n)
+  sorted_args = jax.tree.map(lambda x: x[order], (sizes_p, xs_p))
+  grouped = jax.tree.map(lambda x: x.reshape((-1, group) + x.shape[1:]), sorted_args)
+  out = jax.lax.map(lambda a: jax.vmap(one)(*a), grouped)
+  out = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
+  inverse = jnp.argsort(order)
+  return jax.tree.map(lambda x: x[inverse][:n], out)
+
+
+def _snake_layout(sizes: jax.Array, num_real: int, num_devices: int) -> jax.Array:
+  """Slot order dealing the size-sorted clients over devices in snake order.
+
+  Returns ``order`` such that ``clients[order]`` reshaped to ``[devices, per_device]`` gives
+  device ``d`` the clients ranked ``d, 2D - 1 - d, 2D + d, ...`` by decreasing size: every device
+  gets a similar mix of large and small clients.
+  """
+  kp = sizes.shape[0]
+  per_device = kp // num_devices
+  key = jnp.where(jnp.arange(kp) < num_real, sizes, -1)
+  by_size = jnp.argsort(-key, stable=True)  # rank r -> client
+  rank = jnp.arange(kp)
+  lap, pos = rank // num_devices, rank % num_devices
+  device = jnp.where(lap % 2 == 0, pos, num_devices - 1 - pos)
+  slot = device * per_device + lap
+  return jnp.zeros((kp,), jnp.int32).at[slot].set(by_size.astype(jnp.int32))
+
+
+def computed_iterations(steps: jax.Array, sizes: jax.Array, mapping: 'ClientMapping'
+                        ) -> jax.Array:
+  """Loop iterations a cohort's layout computes, padding lanes included.
+
+  Args:
+    steps: ``[K]`` int32 steps each client needs (a function of its size, non-decreasing in it).
+    sizes: ``[K]`` int32 client sizes (the key the layout sorts by).
+    mapping: the strategy.
+
+  Returns:
+    An int32 scalar: ``sum(steps)`` when clients run one after another; under ``vmap`` every
+    lane of a group (padding lanes too) runs as long as the group's largest client.
+  """
+  def local(strategy, steps, sizes, num_real):
+    if strategy == 'sequential':
+      return jnp.sum(steps)
+    group = _group_len(strategy, sizes.shape[0], mapping)
+    sizes_p, steps_p = _pad_sized(sizes, steps, group)
+    steps_p = jnp.where(jnp.arange(steps_p.shape[0]) < num_real, steps_p, 0)
+    order = _size_order(sizes_p, num_real)
+    per_group = jnp.max(steps_p[order].reshape(-1, group), axis=1)
+    return group * jnp.sum(per_group)
+
+  k = sizes.shape[0]
+  strategy = mapping.resolved()
+  if strategy != 'sharded':
+    return local(strategy, steps, sizes, k)
+  devices = jax.device_count()
+  sizes_p, steps_p = _pad_sized(sizes, steps, devices)
+  steps_p = jnp.where(jnp.arange(steps_p.shape[0]) < k, steps_p, 0)
+  order = _snake_layout(sizes_p, k, devices)
+  per_device = sizes_p.shape[0] // devices
+  total = jnp.int32(0)
+  for d in range(devices):
+    idx = order[d * per_device:(d + 1) * per_device]
+    # Within a device, padding clients are size-0 clients like any other: they cost nothing
+    # sequentially and, under vmap, sort into the first group.
+    total = total + local(mapping.local_strategy, steps_p[idx], sizes_p[idx], per_device)
+  return total
+
+
 def map_clients(fn: Callable[..., Any], shared: Any, *client_args: Any,
-                mapping: ClientMapping = ClientMapping()) -> Any:
+                mapping: ClientMapping = ClientMapping(), sizes: jax.Array | None = None
+                ) -> Any:
   """Runs ``fn(shared, *args_of_one_client)`` for every client and stacks the results.
 
   Args:
     fn: the work of one client. ``shared`` is passed unchanged to every client (e.g. the global
       params); each of ``client_args`` is a pytree whose leaves carry the clients on axis 0.
+      With ``sizes``, it is called as ``fn(shared, size, *args)``.
     shared: a pytree shared by all clients (replicated under ``sharded``).
     *client_args: per-client pytrees with a leading client axis of the same length.
     mapping: the strategy.
+    sizes: optional ``[K]`` int32 client sizes: the cohort is laid out by size (module
+      docstring) and ``fn`` receives each client's size; padding clients that a layout adds
+      receive size 0 and a copy of client 0's arguments, and their outputs are dropped.
 
   Returns:
     ``fn``'s outputs with a leading client axis, in client order.
   """
   strategy = mapping.resolved()
+  if sizes is not None:
+    return _map_sized(fn, shared, sizes, client_args, mapping)
   if strategy != 'sharded':
     return _map_local(strategy, fn, shared, client_args, mapping.chunk_size)
 
@@ -152,6 +288,30 @@ def map_clients(fn: Callable[..., Any], shared: Any, *client_args: Any,
   out = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('clients')),
                       out_specs=P('clients'), check_vma=False)(shared, padded)
   return jax.tree.map(lambda x: x[:n], out)
+
+
+def _map_sized(fn: Callable[..., Any], shared: Any, sizes: jax.Array, xs: tuple[Any, ...],
+               mapping: ClientMapping) -> Any:
+  """`map_clients` with a size-aware layout (see the module docstring)."""
+  sizes = jnp.asarray(sizes, jnp.int32)
+  strategy = mapping.resolved()
+  if strategy != 'sharded':
+    return _map_sized_local(strategy, fn, shared, sizes, xs, mapping)
+  devices = jax.devices()
+  mesh = jax.make_mesh((len(devices),), ('clients',), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  k = sizes.shape[0]
+  sizes_p, xs_p = _pad_sized(sizes, xs, len(devices))
+  order = _snake_layout(sizes_p, k, len(devices))
+  laid_out = jax.tree.map(lambda x: x[order], (sizes_p, xs_p))
+
+  def per_device(shared_, sizes_, xs_):
+    return _map_sized_local(mapping.local_strategy, fn, shared_, sizes_, xs_, mapping)
+
+  out = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('clients'), P('clients')),
+                      out_specs=P('clients'), check_vma=False)(shared, *laid_out)
+  inverse = jnp.argsort(order)
+  return jax.tree.map(lambda x: x[inverse][:k], out)
 
 
 def _sum_local(strategy: str, fn: Callable[..., Any], shared: Any, xs: tuple[Any, ...],

@@ -1,0 +1,102 @@
+"""The algorithm registry: each algorithm module declares its names, hyperparameters and factory.
+
+An algorithm's own hyperparameters are a frozen dataclass validated in ``__post_init__``; in an
+experiment config they live in a section named after the algorithm (``config.ssfl.density``),
+while settings every algorithm shares (data, model, cohort, local training, server optimizer,
+mapping) stay flat. The run loop builds any algorithm through :func:`get` and holds no code for
+a particular one.
+
+Example:
+  >>> from fedsparse import algorithms
+  >>> spec = algorithms.registry.get('ssfl')
+  >>> spec.hparams(density=0.05).density
+  0.05
+  >>> algorithms.registry.get('fedsgd')
+  Traceback (most recent call last):
+  ...
+  ValueError: Unknown algorithm 'fedsgd'; valid: fedavg, fedavgm, ssfl.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import optax
+
+from fedsparse.engine import Algorithm, ClientMapping, CohortConfig, LocalConfig
+
+__all__ = ['Common', 'Spec', 'get', 'names', 'register']
+
+
+@dataclasses.dataclass(frozen=True)
+class Common:
+  """What every algorithm gets from the shared (flat) part of a config.
+
+  Attributes:
+    apply_fn: the flax ``Module.apply`` of the model.
+    cohort: cohort size, sampling and aggregation weighting.
+    local: local training settings.
+    learning_rate: client learning rate at round 0.
+    lr_decay: per-round multiplicative decay of the client learning rate.
+    server_optimizer: the optax optimizer applied to −Δ̄ by algorithms that average deltas.
+    mapping: how clients are mapped over the cohort axis.
+  """
+  apply_fn: Callable[..., Any]
+  cohort: CohortConfig
+  local: LocalConfig
+  learning_rate: float
+  lr_decay: float = 1.0
+  server_optimizer: optax.GradientTransformation | None = None
+  mapping: ClientMapping = ClientMapping()
+
+  def kwargs(self) -> dict[str, Any]:
+    """The fields as keyword arguments of the algorithm factories (``apply_fn`` excluded)."""
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    del out['apply_fn']
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+  """A registered algorithm.
+
+  Attributes:
+    name: the config's ``algorithm`` value and the name of its config section.
+    hparams: a frozen dataclass of the algorithm's own hyperparameters (defaults = the paper's),
+      validated in ``__post_init__``.
+    build: ``build(hparams, common) -> Algorithm``.
+    summary: one line for listings.
+    server_momentum: whether ``server_optimizer='auto'`` means server momentum (FedAvgM).
+    check: optional ``check(hparams, config)`` raising ValueError where the hyperparameters
+      conflict with the shared settings of a run config (e.g. more warm-up than rounds).
+  """
+  name: str
+  hparams: type
+  build: Callable[[Any, Common], Algorithm]
+  summary: str
+  server_momentum: bool = False
+  check: Callable[[Any, Any], None] | None = None
+
+
+_REGISTRY: dict[str, Spec] = {}
+
+
+def register(spec: Spec) -> Spec:
+  """Adds an algorithm (called at import time of its module)."""
+  if not dataclasses.is_dataclass(spec.hparams) or not spec.hparams.__dataclass_params__.frozen:
+    raise TypeError(f'{spec.name}: hparams must be a frozen dataclass, got {spec.hparams!r}.')
+  if spec.name in _REGISTRY and _REGISTRY[spec.name] != spec:
+    raise ValueError(f'Algorithm {spec.name!r} is registered twice.')
+  _REGISTRY[spec.name] = spec
+  return spec
+
+
+def names() -> tuple[str, ...]:
+  """The registered algorithm names, in registration order."""
+  return tuple(_REGISTRY)
+
+
+def get(name: str) -> Spec:
+  """The registered algorithm ``name``; fails with the valid names."""
+  if name not in _REGISTRY:
+    raise ValueError(f'Unknown algorithm {name!r}; valid: {", ".join(_REGISTRY)}.')
+  return _REGISTRY[name]
