@@ -128,6 +128,21 @@ def step_flops(apply_fn, params, batch_size: int) -> float:
   return float(cost.get('flops', float('nan')))
 
 
+def time_round(alg: engine.Algorithm, state: Any, mapping: engine.ClientMapping,
+               fd: data_lib.FederatedData, key: jax.Array
+               ) -> tuple[float, float, list[float], dict[str, Any]]:
+  """Compiles a round ahead of time, then times it: (compile s, median s, timings, metrics).
+
+  Raises `jax.errors.JaxRuntimeError` (e.g. a wide vmap running out of memory).
+  """
+  t0 = time.perf_counter()
+  compiled = engine.jit(alg.round, batched_clients=mapping.batches_clients).lower(
+      state, fd, key).compile()
+  compile_s = time.perf_counter() - t0
+  _, t, times = median_seconds(lambda: compiled(state, fd, key), _REPEATS.value)
+  return compile_s, t, times, jax.device_get(compiled(state, fd, key)[1])
+
+
 def baseline_round(model_xla, params, fd: data_lib.FederatedData, host_x: np.ndarray,
                    host_y: np.ndarray, clients: np.ndarray, schedules: np.ndarray,
                    lr: float, compiler_options: dict[str, str] | None = None
@@ -220,11 +235,7 @@ def bench_setting(model_name: str, cohort: int, peak: float, rows: list[dict[str
     label = strategy if strategy != 'sharded' else f'sharded ({jax.device_count()} dev)'
     label += f', {impl}' if model_name != 'mlp' else ''
     try:
-      t0 = time.perf_counter()
-      compiled = engine.jit(alg.round, batched_clients=mapping.batches_clients).lower(
-          state, fd, key).compile()
-      compile_s = time.perf_counter() - t0
-      _, t, times = median_seconds(lambda: compiled(state, fd, key), _REPEATS.value)
+      compile_s, t, times, _ = time_round(alg, state, mapping, fd, key)
     except jax.errors.JaxRuntimeError as e:  # e.g. a wide vmap running out of memory
       print(f'{model_name:9s} K={cohort:<4d} {label:22s} failed: {str(e)[:120]}', flush=True)
       continue
@@ -340,12 +351,8 @@ def bench_feddst(peak: float, rows: list[dict[str, Any]]) -> None:
     label += ', padded partial batches' if partial == 'pad' else ''
     label += f', {impl}'
     try:
-      t0 = time.perf_counter()
-      compiled = engine.jit(alg.round, batched_clients=mapping.batches_clients).lower(
-          state, fd, key).compile()
-      compile_s = time.perf_counter() - t0
-      _, t, times = median_seconds(lambda: compiled(state, fd, key), _REPEATS.value)
-      ratio = float(compiled(state, fd, key)[1]['padding_ratio'])
+      compile_s, t, times, metrics = time_round(alg, state, mapping, fd, key)
+      ratio = float(metrics['padding_ratio'])
     except jax.errors.JaxRuntimeError as e:
       print(f'feddst {label:30s} failed: {str(e)[:120]}', flush=True)
       continue

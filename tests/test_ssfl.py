@@ -293,3 +293,35 @@ def test_scoring_never_vmaps_the_whole_population(mapping, expected):
   import sys  # pylint: disable=g-import-not-at-top
   module = sys.modules[ssfl_module.__module__]
   assert module._scoring_mapping(mapping) == expected  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize('enforce', engine.ENFORCEMENTS)
+def test_training_round_clients_train_the_masked_model(enforce):
+  # After scoring, each client must train w ⊙ m. A client training the dense model would grow
+  # its pruned weights and, over several steps, move its kept weights differently; the server's
+  # re-mask hides the pruned entries but not that.
+  fd = tiny_federated(num_clients=6)
+  alg = make_ssfl(density=0.3, mask='random_global', mask_enforcement=enforce, local_epochs=2)
+  state = alg.init(jax.random.key(0), init_params())
+  round_fn = jax.jit(alg.round)
+  state, _ = round_fn(state, fd, jax.random.key(0))  # scoring round
+  key = jax.random.key(1)
+  new_state, metrics = round_fn(state, fd, key)
+  drawn = engine.draw_cohort(key, fd.num_clients, engine.CohortConfig(3))
+  local = engine.LocalConfig(batch_size=4, local_epochs=1 * 2)
+  sizes = np.asarray(fd.client_size)[np.asarray(drawn.clients)].astype(np.float64)
+  expected = state.params
+  for slot, c in enumerate(np.asarray(drawn.clients)):
+    opt = engine.client_optimizer(local, jnp.float32(0.1), 1)
+    p, s = state.params, opt.init(state.params)
+    for idx in engine.client_minibatches(drawn.keys[slot], fd, int(c), local):
+      batch = engine.gather_batch(fd, jnp.asarray(idx), jnp.ones(len(idx), bool))
+      g = jax.grad(lambda q: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+          mlp_apply({'params': masks.apply(q, state.mask)}, batch.x), batch.y)))(p)
+      u, s = opt.update(g, s, p)
+      p = optax.apply_updates(p, u)
+    w = sizes[slot] / sizes.sum()
+    expected = jax.tree.map(lambda e, a, b, w=w: e + w * (a - b), expected, p, state.params)
+  np.testing.assert_array_equal(metrics['clients'], drawn.clients)
+  chex.assert_trees_all_close(new_state.params, masks.apply(expected, state.mask), rtol=2e-5,
+                              atol=1e-6)

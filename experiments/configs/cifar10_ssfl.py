@@ -10,7 +10,7 @@ Command (needs CIFAR-10 prepared for TFDS once, with network access, in ``--conf
 
   python -m experiments.run --config=experiments/configs/cifar10_ssfl.py --workdir=/tmp/c10_ssfl
 
-Other densities studied in the paper: ``--config.density=0.3`` (0.2, 0.1, 0.05).
+Other densities studied in the paper: ``--config.ssfl.density=0.3`` (0.2, 0.1, 0.05).
 
 Expected result: the SSFL paper reports 88.29 % pooled test accuracy at d = 0.5 (5-run mean).
 Not yet measured here: no GPU and no CIFAR-10 offline in the sessions so far.
