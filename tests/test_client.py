@@ -169,7 +169,8 @@ def recording_program(local):
   return engine.ClientProgram(
       init=init, trainable=lambda c: {'w': c['w']}, transform=engine.identity_transform,
       loss=loss, update=update, epoch_end=epoch_end,
-      final=lambda c, ctx: {k: c[k] for k in ('per_epoch', 'last_flags', 'last_seen', 'steps')})
+      final=lambda c, ctx, key: {k: c[k] for k in ('per_epoch', 'last_flags', 'last_seen',
+                                                    'steps')})
 
 
 @pytest.mark.parametrize('mapping', ALL_MAPPINGS,
@@ -213,7 +214,7 @@ def test_masked_transform_exposes_the_dense_gradient():
       trainable=lambda c: c['params'],
       transform=engine.masked_transform(lambda carry, ctx: mask),
       loss=engine.supervised_loss(linear_apply), update=update,
-      final=lambda c, ctx: (c['g'], c['g_eff']))
+      final=lambda c, ctx, key: (c['g'], c['g_eff']))
   keys = jax.random.split(jax.random.key(0), 1)
   (g, g_eff) = jax.tree.map(lambda x: x[0], engine.run_clients(
       program, params, jnp.array([0], jnp.int32), keys, fd, local).outputs)
@@ -269,7 +270,7 @@ def test_a_stochastic_transform_trains_scores_with_adam():
   program = engine.ClientProgram(
       init=lambda ctx, key: (scores0, adam.init(scores0)), trainable=lambda c: c[0],
       transform=transform, loss=engine.supervised_loss(linear_apply), update=update,
-      final=lambda c, ctx: c[0])
+      final=lambda c, ctx, key: c[0])
   out = engine.run_clients(program, frozen, jnp.arange(3, dtype=jnp.int32),
                            jax.random.split(jax.random.key(1), 3), fd, local).outputs
   assert np.all(np.abs(np.asarray(out['w'])) > 0)  # every score received a gradient
@@ -326,3 +327,58 @@ def test_sized_map_clients_returns_cohort_order(mapping):
       lambda shared, size, x: (shared + x, size), 1.0, x, mapping=mapping, sizes=s))(sizes, xs)
   np.testing.assert_array_equal(out[0], np.arange(7) * 10 + 1)
   np.testing.assert_array_equal(out[1], sizes)
+
+
+@pytest.mark.parametrize('steps', [0, 7])
+def test_cosine_schedule_through_the_loop_by_hand(steps):
+  # An epoch of the cosine schedule is ceil(n_k / B) steps, in fixed-steps mode too.
+  fd = uneven_data()
+  local = engine.LocalConfig(batch_size=4, local_epochs=3, local_steps=steps,
+                             lr_schedule='cosine', cosine_epochs=2, cosine_min_lr=0.0)
+  params = init_params()
+  keys = jax.random.split(jax.random.key(4), 2)
+  clients = jnp.array([4, 5], jnp.int32)
+  program = engine.sgd_client(linear_apply, local)
+  out = engine.run_clients(program, engine.Broadcast(params, jnp.float32(0.5)), clients, keys,
+                           fd, local).outputs
+  for slot, c in enumerate(np.asarray(clients)):
+    delta, _ = reference_client(fd, keys[slot], int(c), local, params, 0.5)
+    chex.assert_trees_all_close(jax.tree.map(lambda x: x[slot], out), delta, rtol=2e-5,
+                                atol=1e-6)
+
+
+def test_steps_and_hooks_draw_fresh_keys():
+  # A transform key reused on every step (FedPM drawing one mask per round) must not pass.
+  fd = uneven_data()
+  local = engine.LocalConfig(batch_size=4, local_epochs=2)
+
+  def transform(p, carry, ctx, key):
+    del carry, ctx
+    return {'w': p['w'] + jax.random.uniform(key, ())}
+
+  def update(carry, grads, ctx, info, key):
+    del grads, ctx
+    draw = jax.random.uniform(key, ())
+    return {**carry, 'draws': carry['draws'].at[info.step].set(draw)}
+
+  def epoch_end(carry, ctx, info, key):
+    del ctx
+    return {**carry, 'epoch_draws': carry['epoch_draws'].at[info.epoch].set(
+        jax.random.uniform(key, ()))}
+
+  program = engine.ClientProgram(
+      init=lambda ctx, key: {'w': jnp.zeros(()), 'draws': jnp.zeros(64),
+                             'epoch_draws': jnp.zeros(2), 'init': jax.random.uniform(key, ())},
+      trainable=lambda c: {'w': c['w']}, transform=transform,
+      loss=lambda p, batch, key: p['w'] * jnp.ones(batch.y.shape),
+      update=update, epoch_end=epoch_end,
+      final=lambda c, ctx, key: {**c, 'final': jax.random.uniform(key, ())})
+  out = engine.run_clients(program, None, jnp.array([5, 5], jnp.int32),
+                           jax.random.split(jax.random.key(0), 2), fd, local).outputs
+  n = int(out['draws'].shape[1])
+  for slot in range(2):
+    steps = 2 * -(-int(fd.client_size[5]) // 4)
+    draws = np.asarray(out['draws'][slot, :steps]).tolist() + np.asarray(
+        out['epoch_draws'][slot]).tolist() + [float(out['init'][slot]), float(out['final'][slot])]
+    assert len(set(draws)) == len(draws) and steps <= n
+  assert float(out['final'][0]) != float(out['final'][1])  # same client, two slots

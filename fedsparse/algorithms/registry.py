@@ -84,8 +84,12 @@ def register(spec: Spec) -> Spec:
   """Adds an algorithm (called at import time of its module)."""
   if not dataclasses.is_dataclass(spec.hparams) or not spec.hparams.__dataclass_params__.frozen:
     raise TypeError(f'{spec.name}: hparams must be a frozen dataclass, got {spec.hparams!r}.')
-  if spec.name in _REGISTRY and _REGISTRY[spec.name] != spec:
-    raise ValueError(f'Algorithm {spec.name!r} is registered twice.')
+  old = _REGISTRY.get(spec.name)
+  # A module imported again (e.g. reloaded in a notebook) re-registers the same algorithm.
+  if old is not None and (old.hparams.__module__, old.hparams.__qualname__) != (
+      spec.hparams.__module__, spec.hparams.__qualname__):
+    raise ValueError(f'Algorithm {spec.name!r} is registered twice, by {old.hparams.__module__} '
+                     f'and {spec.hparams.__module__}.')
   _REGISTRY[spec.name] = spec
   return spec
 

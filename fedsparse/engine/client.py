@@ -15,7 +15,7 @@ The loop of one client::
       g = the vjp of transform applied to g_eff                    # ∂L/∂trainable
       carry = update(carry, Gradients(g, g_eff, loss), ctx, step_info, key)
     carry = epoch_end(carry, ctx, epoch_info, key)                 # optional
-  output = final(carry, ctx)
+  output = final(carry, ctx, key)                                    # e.g. sample what to send
 
 * The carry is any pytree: params, optimizer state, a mask, running statistics, the gradient
   of the last minibatch (what a step wants to keep for later, it stores in the carry: the loop
@@ -29,8 +29,11 @@ The loop of one client::
   either; under ``vmap`` it is padded and masked.
 * Each client's epochs end at its own steps, so ``epoch_end`` hooks (FLASH's prune and regrow,
   FedDST's readjustment) see each client's own epochs.
-* Randomness: a client gets one key per round (one per cohort slot, never shared); its data
-  order, ``init``, every step and every epoch end get distinct ``fold_in`` streams of it.
+* Randomness: a client gets one key per round (one per cohort slot, never shared), split into
+  five streams -- data order, ``init``, steps, epoch ends, ``final``; step ``t`` and epoch ``e``
+  fold their index into their stream, and a step splits its key once more for the transform,
+  the loss and the update. Within a partial minibatch computed in pieces, each piece folds its
+  size into the loss key, so no two examples share random bits.
 
 Example: plain local SGD on a linear model, one client of 5 examples::
 
@@ -61,7 +64,8 @@ import optax
 from fedsparse import masks as masks_lib
 from fedsparse.data import FederatedData
 from fedsparse.engine.local import (Batch, LocalConfig, client_optimizer, client_steps,
-                                    example_orders, gather_batch, host_minibatches, step_slice)
+                                    example_orders, gather_batch, host_minibatches, step_slice,
+                                    steps_per_epoch)
 from fedsparse.engine.mapping import ClientMapping, computed_iterations, map_clients
 
 __all__ = [
@@ -137,7 +141,8 @@ class ClientProgram(NamedTuple):
     loss: ``loss(effective, batch, key) -> [B]`` per-example losses (the engine masks padding
       and takes the mean over the minibatch's real examples).
     update: ``update(carry, grads, ctx, step_info, key) -> carry``, e.g. an optax step.
-    final: ``final(carry, ctx) -> output``, what the client uploads (before encoding).
+    final: ``final(carry, ctx, key) -> output``, what the client uploads (before encoding);
+      the key serves e.g. FedPM's sampled mask.
     epoch_end: optional ``epoch_end(carry, ctx, epoch_info, key) -> carry``.
   """
   init: Callable[[Context, jax.Array], Any]
@@ -145,7 +150,7 @@ class ClientProgram(NamedTuple):
   transform: Callable[[Any, Any, Context, jax.Array], Any]
   loss: Callable[[Any, Batch, jax.Array], jax.Array]
   update: Callable[[Any, Gradients, Context, StepInfo, jax.Array], Any]
-  final: Callable[[Any, Context], Any]
+  final: Callable[[Any, Context, jax.Array], Any]
   epoch_end: Callable[[Any, Context, EpochInfo, jax.Array], Any] | None = None
 
 
@@ -229,8 +234,8 @@ def _minibatch_grad(loss_fn: Callable[..., jax.Array], params: Any, data: Federa
                     row: jax.Array, offset: jax.Array, count: jax.Array, key: jax.Array,
                     batch_size: int, split: bool) -> tuple[jax.Array, Any]:
   """Mean loss and its gradient over the ``count`` examples ``row[offset:offset + count]``."""
-  def summed(p, index, valid):
-    losses = loss_fn(p, gather_batch(data, index, valid), key)
+  def summed(p, index, valid, loss_key=key):
+    losses = loss_fn(p, gather_batch(data, index, valid), loss_key)
     return jnp.sum(jnp.where(valid, losses, 0.0))
 
   value_and_grad = jax.value_and_grad(summed)
@@ -254,7 +259,9 @@ def _minibatch_grad(loss_fn: Callable[..., jax.Array], params: Any, data: Federa
         start = offset + ((count >> (bit + 1)) << (bit + 1))
 
         def piece(acc, size=size, start=start):
-          value, grads = value_and_grad(params, slice_of(start, size), jnp.ones((size,), bool))
+          # Its own loss key: draws of different shapes from one key share their leading rows.
+          value, grads = value_and_grad(params, slice_of(start, size), jnp.ones((size,), bool),
+                                        jax.random.fold_in(key, size))
           return acc[0] + value, jax.tree.map(jnp.add, acc[1], grads)
 
         acc = jax.lax.cond((count >> bit) & 1 == 1, piece, lambda acc: acc, acc)
@@ -265,10 +272,9 @@ def _minibatch_grad(loss_fn: Callable[..., jax.Array], params: Any, data: Federa
   return total * scale, jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
 
 
-def _client_streams(key: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-  """A client's round key split into its data-order, init, step and epoch-end streams."""
-  order_key, init_key, step_keys, epoch_keys = jax.random.split(key, 4)
-  return order_key, init_key, step_keys, epoch_keys
+def _client_streams(key: jax.Array) -> jax.Array:
+  """A client's round key split into its data-order, init, step, epoch-end and final streams."""
+  return jax.random.split(key, 5)
 
 
 def client_minibatches(key: jax.Array, data: FederatedData, client_id: int,
@@ -293,7 +299,7 @@ def _run_one_client(program: ClientProgram, local: LocalConfig, data: FederatedD
   client = ClientInfo(id=client_id, slot=slot, size=size, steps_per_epoch=spe,
                       num_steps=num_steps)
   ctx = Context(shared=shared, client=client)
-  order_key, init_key, step_keys, epoch_keys = _client_streams(key)
+  order_key, init_key, step_keys, epoch_keys, final_key = _client_streams(key)
   orders = example_orders(order_key, data.client_index[client_id], size, local)
   carry = program.init(ctx, init_key)
   num_epochs = local.num_epochs
@@ -326,7 +332,7 @@ def _run_one_client(program: ClientProgram, local: LocalConfig, data: FederatedD
   carry, loss_sum = jax.lax.fori_loop(0, num_epochs, epoch_body,
                                       (carry, jnp.zeros((), jnp.float32)))
   mean_loss = loss_sum / jnp.maximum(num_steps, 1).astype(jnp.float32)
-  return program.final(carry, ctx), mean_loss, num_steps
+  return program.final(carry, ctx, final_key), mean_loss, num_steps
 
 
 def run_clients(program: ClientProgram, shared: Any, clients: jax.Array, keys: jax.Array,
@@ -426,7 +432,10 @@ def sgd_client(apply_fn: Callable[..., jax.Array], local: LocalConfig, *,
   def make_optimizer(ctx):
     if optimizer is not None:
       return optimizer(ctx)
-    return client_optimizer(local, ctx.shared.learning_rate, ctx.client.steps_per_epoch)
+    # The cosine schedule's epoch is ceil(n_k / B) steps, in fixed-steps mode too (where the
+    # loop's own "epoch" is all local_steps steps).
+    return client_optimizer(local, ctx.shared.learning_rate,
+                            steps_per_epoch(ctx.client.size, local.batch_size))
 
   def init(ctx, key):
     del key
@@ -441,7 +450,8 @@ def sgd_client(apply_fn: Callable[..., jax.Array], local: LocalConfig, *,
       params = masks_lib.apply(params, ctx.shared.mask)
     return SGDState(params, opt_state)
 
-  def final(carry, ctx):
+  def final(carry, ctx, key):
+    del key
     return jax.tree.map(jnp.subtract, carry.params, ctx.shared.params)
 
   transform = (masked_transform(lambda carry, ctx: ctx.shared.mask) if enforce == 'forward'

@@ -13,6 +13,7 @@ gathered and normalised inside the jitted step, so the client's data never leave
 """
 
 import dataclasses
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -44,14 +45,6 @@ class Batch(NamedTuple):
   x: jax.Array  # [B, H, W, C] float32, normalised
   y: jax.Array  # [B] int32
   mask: jax.Array  # [B] bool: False for padding past the end of the client's data
-
-
-class Schedule(NamedTuple):
-  """The minibatches of one client for one round (indices only)."""
-  index: jax.Array  # [S, B] int32 indices into the federated training set
-  example_mask: jax.Array  # [S, B] bool
-  active: jax.Array  # [S] bool: False for frozen (padding) steps
-  epoch: jax.Array  # [S] int32 local epoch of each step (0 in fixed-steps mode)
 
 
 # Client learning-rate schedules within a round (see `LocalConfig`).
@@ -101,9 +94,9 @@ class LocalConfig:
   def __post_init__(self):
     for name in ('batch_size', 'local_epochs'):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f'{name} must be a positive integer, got {value!r}.')
-    if isinstance(self.local_steps, bool) or not isinstance(self.local_steps, int) or (
+    if isinstance(self.local_steps, bool) or not isinstance(self.local_steps, numbers.Integral) or (
         self.local_steps < 0):
       raise ValueError(f'local_steps must be an integer >= 0, got {self.local_steps!r}.')
     if self.partial_batches not in PARTIAL_BATCHES:

@@ -38,6 +38,7 @@ Example::
 """
 
 import dataclasses
+import numbers
 from typing import Any, Callable
 
 import jax
@@ -76,8 +77,10 @@ class ClientMapping:
     inner: how each device maps its share of clients under ``sharded``; ``auto`` follows the
       backend like the top-level ``auto``.
     size_groups: for ``vmap`` of clients of known sizes: the size-sorted cohort is split into
-      this many equal groups, run one after another, each as long as its own largest client
-      (1: one ``vmap`` over the whole cohort).
+      groups of ``ceil(K / size_groups)`` clients (at most this many groups; the first padded
+      with size-0 lanes), run one after another, each as long as its own largest client (1:
+      one ``vmap`` over the whole cohort, the default, which bounds nothing: on uneven
+      cohorts use ``size_groups > 1`` or ``chunked``).
   """
   strategy: str = 'auto'
   chunk_size: int = 8
@@ -93,7 +96,7 @@ class ClientMapping:
                        f'{", ".join(("auto",) + _LOCAL_STRATEGIES)}.')
     for name in ('chunk_size', 'size_groups'):
       value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f'{name} must be a positive integer, got {value!r}.')
 
   def resolved(self) -> str:
