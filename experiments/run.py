@@ -19,6 +19,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from fedsparse import train
+from fedsparse.algorithms import registry
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=True)
@@ -46,8 +47,12 @@ def _unknown_override(argv: list[str]) -> str | None:
     for i, key in enumerate(keys):
       if not hasattr(node, 'keys') or key not in node:
         valid = ', '.join(sorted(node.keys())) if hasattr(node, 'keys') else 'none'
+        hint = ''
+        if i == 0 and key in registry.names():
+          hint = (f' The config is for algorithm {config.algorithm!r}, so it has no section '
+                  f'{key!r}: use a config file written for {key!r}.')
         return (f'Unknown config key {".".join(keys[:i + 1])!r} in {where}; valid keys there: '
-                f'{valid}.')
+                f'{valid}.{hint}')
       node, where = node[key], f'section {".".join(keys[:i + 1])!r}'
   return None
 

@@ -144,8 +144,8 @@ def algorithm_hparams(config: ml_collections.ConfigDict) -> Any:
     if other != spec.name and other in config and len(config[other]):
       raise ValueError(
           f'The config has a section {other!r} with keys {sorted(config[other].keys())} but '
-          f'algorithm is {spec.name!r}, which would ignore them; remove the section or set '
-          f'algorithm={other}.')
+          f'algorithm is {spec.name!r}, which would ignore them; use a config file written for '
+          f'{spec.name!r} (one without that section), or keep algorithm={other}.')
   section = config.get(spec.name) or {}
   if not isinstance(section, (dict, ml_collections.ConfigDict)):
     raise ValueError(f'config.{spec.name} must be a section of keys '
@@ -270,7 +270,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> d
   exp = build_experiment(config)  # all validation happens here, before anything is written
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+  # The algorithm's section as it ran, defaults included (also when the config had none).
+  saved = config.copy_and_resolve_references()
+  with saved.unlocked():
+    saved[config.algorithm] = dataclasses.asdict(exp.hparams)
+  (workdir / CONFIG_FILE).write_text(saved.to_json_best_effort(indent=2, sort_keys=True) + '\n')
   info = exp.partition_info
   logging.info('%s: %d clients (%d empty dropped), %s examples per client (min/mean/max), '
                'model %s with %s params, strategy %s.', config.dataset, info.num_clients,

@@ -221,3 +221,12 @@ def test_every_algorithm_learns_on_toy_data(algorithm, tmp_path):
   rows = read_rows(tmp_path / 'run')
   assert rows[-1]['train_loss'] < 0.6 * rows[0]['train_loss']
   assert rows[-1]['test_accuracy'] > 0.7  # chance: 0.1
+
+
+def test_config_json_records_the_algorithm_section_as_it_ran(tmp_path):
+  config = load_config('digits_fedavg')
+  config.model, config.algorithm = 'mlp', 'ssfl'  # no ssfl section: the defaults apply
+  train.run(config, tmp_path / 'run')
+  saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  assert saved['algorithm'] == 'ssfl' and saved['ssfl']['density'] == 0.5
+  assert abs(read_rows(tmp_path / 'run')[-1]['density'] - 0.5) < 1e-3

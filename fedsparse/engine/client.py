@@ -35,7 +35,7 @@ The loop of one client::
   the loss and the update. Within a partial minibatch computed in pieces, each piece folds its
   size into the loss key, so no two examples share random bits.
 
-Example: plain local SGD on a linear model, one client of 5 examples::
+Example: plain local SGD on a linear model, two clients of digits::
 
   >>> import jax, jax.numpy as jnp, numpy as np
   >>> from fedsparse import data as data_lib, engine
@@ -139,7 +139,9 @@ class ClientProgram(NamedTuple):
     transform: ``transform(trainable, carry, ctx, key) -> effective weights`` the loss is
       computed on: `identity_transform`, `masked_transform`, or a stochastic one.
     loss: ``loss(effective, batch, key) -> [B]`` per-example losses (the engine masks padding
-      and takes the mean over the minibatch's real examples).
+      and takes the mean over the minibatch's real examples). ``batch`` is a
+      `fedsparse.engine.Batch`: ``x`` (normalised inputs), ``y`` (int32 labels), ``mask``
+      (bool, False for padding examples).
     update: ``update(carry, grads, ctx, step_info, key) -> carry``, e.g. an optax step.
     final: ``final(carry, ctx, key) -> output``, what the client uploads (before encoding);
       the key serves e.g. FedPM's sampled mask.
