@@ -66,7 +66,7 @@ from fedsparse.algorithms import registry
 from fedsparse.algorithms.fedavg import fedavg_round_core
 from fedsparse.data import FederatedData
 from fedsparse.engine import (ENFORCEMENTS, Algorithm, ClientMapping, CohortConfig, LocalConfig,
-                              default_strategy, example_orders, gather_batch, server_key,
+                              example_orders, gather_batch, server_key,
                               sum_clients)
 
 __all__ = ['MASKS', 'SCORES', 'WEIGHTINGS', 'SSFLConfig', 'SSFLState', 'population_saliency',
@@ -220,10 +220,8 @@ def _scoring_mapping(mapping: ClientMapping) -> ClientMapping:
   strategy = mapping.resolved()
   if strategy == 'vmap':
     return ClientMapping('chunked', chunk_size=mapping.chunk_size)
-  if strategy == 'sharded':
-    inner = default_strategy() if mapping.inner == 'auto' else mapping.inner
-    if inner == 'vmap':
-      return ClientMapping('sharded', chunk_size=mapping.chunk_size, inner='chunked')
+  if strategy == 'sharded' and mapping.local_strategy == 'vmap':
+    return ClientMapping('sharded', chunk_size=mapping.chunk_size, inner='chunked')
   return mapping
 
 

@@ -104,20 +104,17 @@ class ClientMapping:
     return default_strategy() if self.strategy == 'auto' else self.strategy
 
   @property
-  def batches_clients(self) -> bool:
-    """Whether clients run under ``vmap`` (decides the CPU conv formulation, see models)."""
-    strategy = self.resolved()
-    if strategy == 'sharded':
-      strategy = default_strategy() if self.inner == 'auto' else self.inner
-    return strategy in ('vmap', 'chunked')
-
-  @property
   def local_strategy(self) -> str:
     """The strategy each device runs: the resolved strategy, or ``inner`` under sharding."""
     strategy = self.resolved()
     if strategy == 'sharded':
       return default_strategy() if self.inner == 'auto' else self.inner
     return strategy
+
+  @property
+  def batches_clients(self) -> bool:
+    """Whether clients run under ``vmap`` (decides the CPU conv formulation, see models)."""
+    return self.local_strategy in ('vmap', 'chunked')
 
 
 def _map_local(strategy: str, fn: Callable[..., Any], shared: Any, xs: tuple[Any, ...],
@@ -251,6 +248,14 @@ def computed_iterations(steps: jax.Array, sizes: jax.Array, mapping: 'ClientMapp
   return total
 
 
+def _clients_mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh over every local device with the axis ``'clients'``."""
+  devices = jax.devices()
+  # Auto axes let XLA insert the resharding of inputs that arrive replicated.
+  return jax.make_mesh((len(devices),), ('clients',), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
 def map_clients(fn: Callable[..., Any], shared: Any, *client_args: Any,
                 mapping: ClientMapping = ClientMapping(), sizes: jax.Array | None = None
                 ) -> Any:
@@ -276,15 +281,11 @@ def map_clients(fn: Callable[..., Any], shared: Any, *client_args: Any,
   if strategy != 'sharded':
     return _map_local(strategy, fn, shared, client_args, mapping.chunk_size)
 
-  inner = default_strategy() if mapping.inner == 'auto' else mapping.inner
-  devices = jax.devices()
-  # Auto axes let XLA insert the resharding of inputs that arrive replicated.
-  mesh = jax.make_mesh((len(devices),), ('clients',), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  padded, n = _pad_leading(client_args, len(devices))
+  mesh = _clients_mesh()
+  padded, n = _pad_leading(client_args, mesh.size)
 
   def per_device(shared_, xs):
-    return _map_local(inner, fn, shared_, xs, mapping.chunk_size)
+    return _map_local(mapping.local_strategy, fn, shared_, xs, mapping.chunk_size)
 
   # check_vma=False: client work starts from replicated values (the global params) that become
   # per-device inside loops; the type check would make every algorithm insert pcast calls.
@@ -300,12 +301,10 @@ def _map_sized(fn: Callable[..., Any], shared: Any, sizes: jax.Array, xs: tuple[
   strategy = mapping.resolved()
   if strategy != 'sharded':
     return _map_sized_local(strategy, fn, shared, sizes, xs, mapping)
-  devices = jax.devices()
-  mesh = jax.make_mesh((len(devices),), ('clients',), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = _clients_mesh()
   k = sizes.shape[0]
-  sizes_p, xs_p = _pad_sized(sizes, xs, len(devices))
-  order = _snake_layout(sizes_p, k, len(devices))
+  sizes_p, xs_p = _pad_sized(sizes, xs, mesh.size)
+  order = _snake_layout(sizes_p, k, mesh.size)
   laid_out = jax.tree.map(lambda x: x[order], (sizes_p, xs_p))
 
   def per_device(shared_, sizes_, xs_):
@@ -378,15 +377,12 @@ def sum_clients(fn: Callable[..., Any], shared: Any, *client_args: Any,
   if strategy != 'sharded':
     return _sum_local(strategy, fn, shared, client_args, valid, mapping.chunk_size)
 
-  inner = default_strategy() if mapping.inner == 'auto' else mapping.inner
-  devices = jax.devices()
-  mesh = jax.make_mesh((len(devices),), ('clients',), devices=devices,
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  (padded, valid), _ = _pad_leading((client_args, valid), len(devices))
+  mesh = _clients_mesh()
+  (padded, valid), _ = _pad_leading((client_args, valid), mesh.size)
   valid = valid & (jnp.arange(valid.shape[0]) < n)
 
   def per_device(shared_, xs, ok):
-    partial = _sum_local(inner, fn, shared_, xs, ok, mapping.chunk_size)
+    partial = _sum_local(mapping.local_strategy, fn, shared_, xs, ok, mapping.chunk_size)
     return jax.tree.map(lambda x: jax.lax.psum(x, 'clients'), partial)
 
   return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P('clients'), P('clients')),
