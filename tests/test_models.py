@@ -119,6 +119,12 @@ CONV_CASES = (
     ((2, 9, 7, 1), (5, 5, 1, 3), 1, 'VALID'),
     ((3, 10, 9, 2), (4, 3, 2, 3), (3, 2), 'VALID'),
     ((2, 10, 9, 2), (4, 3, 2, 3), (2, 3), ((1, 2), (0, 3))),
+    # Stride 1 takes fwdconv's folded input gradient when every pad is at most k - 1:
+    # an even kernel (SAME pads 1 low, 2 high), uneven explicit pads, and (last) a pad beyond
+    # k - 1, which falls back to the full correlation.
+    ((2, 8, 7, 3), (4, 3, 3, 5), 1, 'SAME'),
+    ((2, 8, 7, 3), (3, 4, 3, 2), 1, ((2, 0), (1, 3))),
+    ((2, 6, 7, 2), (2, 3, 2, 3), 1, ((0, 3), (2, 1))),
 )
 
 
