@@ -9,11 +9,18 @@ Usage::
 
 ``:smoke`` makes any experiment tiny; ``--config.KEY=VALUE`` overrides a shared key and
 ``--config.ALGORITHM.KEY=VALUE`` one of the algorithm's own (e.g. ``--config.ssfl.density``).
+Re-running a workdir resumes it if the config matches (``num_rounds`` may grow; evaluation and
+checkpoint cadence may change); ``--overwrite`` starts over. Errors in flags, config, data or
+workdir print one line (``--traceback`` for more) and exit with code 2, before anything is
+written.
 """
 
+import logging as std_logging
+import os
 import sys
+import traceback
+from typing import Sequence
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
@@ -21,23 +28,46 @@ from ml_collections import config_flags
 from fedsparse import train
 from fedsparse.algorithms import registry
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for config.json, metrics.jsonl and '
-                               'checkpoints (resumes from the latest checkpoint there).')
-flags.mark_flags_as_required(['config', 'workdir'])
+USAGE_ERROR = 2  # bad flags, config, data or workdir: nothing was run or written
+RUN_ERROR = 1    # the run itself failed (e.g. the loss became NaN)
 
 
-def _unknown_override(argv: list[str]) -> str | None:
+def _define_flags(fv: flags.FlagValues, argv: Sequence[str]):
+  # config_flags finds the --config.KEY overrides in the argv it is given at definition time.
+  config = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                           lock_config=True, flag_values=fv,
+                                           sys_argv=list(argv))
+  workdir = flags.DEFINE_string(
+      'workdir', None, 'Directory for config.json, metrics.jsonl and checkpoints (resumes '
+      'from the latest checkpoint there when the config matches).', flag_values=fv)
+  overwrite = flags.DEFINE_bool(
+      'overwrite', False, 'Delete the workdir\'s metrics, checkpoints and config.json and start '
+      'over (instead of resuming; needed when the config changed).', flag_values=fv)
+  show_traceback = flags.DEFINE_bool(
+      'traceback', False, 'On an error, print the full traceback instead of one line.',
+      flag_values=fv)
+  return config, workdir, overwrite, show_traceback
+
+
+def _config_arg(argv: Sequence[str]) -> str | None:
+  for i, a in enumerate(argv):
+    if a.startswith('--config='):
+      return a.split('=', 1)[1]
+    if a == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _unknown_override(argv: Sequence[str]) -> str | None:
   """A one-line message for the first ``--config.a.b=v`` whose key the config lacks, if any."""
-  config_arg = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), None)
+  config_arg = _config_arg(argv)
   if config_arg is None:
     return None
   path, _, arg = config_arg.partition(':')
   try:
     module = config_flags.config_flags._LoadConfigModule('config', path)  # pylint: disable=protected-access
     config = module.get_config(arg) if arg else module.get_config()
-  except Exception:  # pylint: disable=broad-except -- absl reports a broken config file itself
+  except Exception:  # pylint: disable=broad-except -- reported by _flag_error
     return None
   for a in argv:
     if not a.startswith('--config.'):
@@ -57,28 +87,87 @@ def _unknown_override(argv: list[str]) -> str | None:
   return None
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  try:
-    return flags.FLAGS(argv)
-  except Exception as e:  # pylint: disable=broad-except
-    message = _unknown_override(argv)
-    if message is None:
-      raise
-    del e
-    print(f'FATAL: {message}', file=sys.stderr)
-    sys.exit(2)
+def _flag_error(argv: Sequence[str], error: Exception) -> str:
+  """One line for a flag-parsing failure: the bad key, file or value and what is valid."""
+  unknown = _unknown_override(argv)
+  if unknown is not None:
+    return unknown
+  config_arg = _config_arg(argv)
+  if config_arg is not None:
+    path = config_arg.partition(':')[0]
+    if not os.path.isfile(path):
+      return (f'Config file {path!r} not found (--config=FILE[:ARG], e.g. '
+              '--config=experiments/configs/digits_fedavg.py).')
+  # absl wraps the cause ("flag --config.x=v: could not convert...", or the config file's
+  # own exception); its last line says what was wrong.
+  cause = error
+  while cause.__cause__ is not None or cause.__context__ is not None:
+    cause = cause.__cause__ or cause.__context__
+  text = str(error).strip().splitlines()
+  detail = str(cause).strip().splitlines()
+  line = text[-1] if text else type(error).__name__
+  if cause is not error and detail and detail[-1] not in line:
+    line = f'{line} ({detail[-1]})'
+  return line
 
 
-def main(argv):
-  del argv
+def quiet_logs() -> None:
+  """Progress lines at INFO; orbax's per-save INFO lines and JAX's backend probing hidden."""
   logging.set_verbosity(logging.INFO)
-  last = train.run(_CONFIG.value, _WORKDIR.value)
+  std_logging.getLogger('jax._src.xla_bridge').setLevel(std_logging.WARNING)
+
+  class _NoOrbaxInfo(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+      return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _NoOrbaxInfo) for f in handler.filters):
+    handler.addFilter(_NoOrbaxInfo())
+
+
+def _fail(message: str, code: int) -> int:
+  print(f'FATAL: {message}', file=sys.stderr)
+  return code
+
+
+def cli(argv: Sequence[str]) -> int:
+  """Parses ``argv`` (program name first), runs the experiment and returns the exit code.
+
+  Usage errors (flags, config, data, workdir) print one line and return 2 before anything is
+  written; a failed run (a non-finite loss) prints one line and returns 1. ``--traceback``
+  prints the full traceback instead.
+  """
+  quiet_logs()
+  fv = flags.FlagValues()
+  config, workdir, overwrite, show_traceback = _define_flags(fv, argv)
+  try:
+    fv(list(argv))
+  except Exception as e:  # pylint: disable=broad-except -- reported as one line
+    if '--traceback' in argv:
+      traceback.print_exc()
+    return _fail(_flag_error(argv, e), USAGE_ERROR)
+  for name in ('config', 'workdir'):
+    if fv[name].value is None:
+      return _fail(f'--{name} is required, e.g. --config=experiments/configs/digits_fedavg.py '
+                   '--workdir=/tmp/digits', USAGE_ERROR)
+  try:
+    last = train.run(config.value, workdir.value, overwrite=overwrite.value)
+  except train.UsageError as e:
+    if show_traceback.value:
+      traceback.print_exc()
+    return _fail(str(e), USAGE_ERROR)
+  except FloatingPointError as e:
+    if show_traceback.value:
+      traceback.print_exc()
+    return _fail(f'{e} Metrics so far: {workdir.value}/metrics.jsonl', RUN_ERROR)
   print(f'Final (round {last["round"]}): pooled test accuracy {last["test_accuracy"]:.4f}, '
         f'mean client accuracy {last["client_accuracy_mean"]:.4f}; communicated '
         f'{last["cum_bits_up"]:,} bits up ({last["cum_bits_up"] / 8e6:.2f} MB), '
         f'{last["cum_bits_down"]:,} bits down ({last["cum_bits_down"] / 8e6:.2f} MB). '
-        f'Metrics: {_WORKDIR.value}/metrics.jsonl')
+        f'Metrics: {workdir.value}/metrics.jsonl')
+  return 0
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  logging.use_absl_handler()
+  sys.exit(cli(sys.argv))

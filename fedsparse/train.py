@@ -33,6 +33,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import time
 from typing import Any
 
@@ -47,8 +48,11 @@ from fedsparse import algorithms
 from fedsparse import data as data_lib
 from fedsparse import engine
 from fedsparse import models
+from fedsparse import workdir as workdir_lib
+from fedsparse.workdir import UsageError
 
-__all__ = ['Experiment', 'algorithm_hparams', 'build_experiment', 'run', 'validate_config']
+__all__ = ['Experiment', 'UsageError', 'algorithm_hparams', 'build_experiment', 'run',
+           'validate_config']
 
 # Server optimizer: 'auto' = what the algorithm's paper uses (FedAvgM: momentum; else SGD).
 SERVER_OPTIMIZERS = ('auto', 'sgd', 'momentum')
@@ -84,6 +88,10 @@ def _require(cond: bool, message: str) -> None:
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Fails fast, before any data is loaded or anything compiles, on a bad config."""
   algorithms.registry.get(config.algorithm)  # fails with the valid names
+  for key, value in workdir_lib.flatten(config.to_dict()).items():
+    # Every number must be finite (inf passes `> 0`, and NaN fails every comparison silently).
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f'{key} must be a finite number, got {value}.')
   _require(config.model in models.MODELS,
            f'Unknown model {config.model!r}; valid: {", ".join(models.MODELS)}.')
   _require(config.partition in data_lib.PARTITIONERS,
@@ -91,11 +99,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(config.strategy in engine.STRATEGIES,
            f'Unknown strategy {config.strategy!r}; valid: {", ".join(engine.STRATEGIES)}.')
   for key in ('num_clients', 'clients_per_round', 'num_rounds', 'batch_size', 'eval_every',
-              'eval_batch_size', 'chunk_size'):
+              'eval_batch_size', 'chunk_size', 'classes_per_client', 'shards_per_client'):
     value = config[key]
     _require(isinstance(value, int) and value > 0,
              f'{key} must be a positive integer, got {value!r}.')
-  _require(config.local_steps >= 0, f'local_steps must be >= 0, got {config.local_steps}.')
+  for key in ('local_steps', 'local_epochs', 'cosine_epochs', 'checkpoint_every'):
+    value = config[key]
+    _require(isinstance(value, int) and value >= 0,
+             f'{key} must be an integer >= 0, got {value!r}.')
+  _require(isinstance(config.seed, int) and 0 <= config.seed < 2**32,
+           f'seed must be an integer in [0, 2**32), got {config.seed!r}.')
   _require(config.local_steps > 0 or config.local_epochs > 0,
            f'local_epochs must be positive when local_steps is 0, got {config.local_epochs}.')
   for key in ('learning_rate', 'server_learning_rate'):
@@ -103,7 +116,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(0 < config.lr_decay <= 1, f'lr_decay must be in (0, 1], got {config.lr_decay}.')
   for key in ('momentum', 'server_momentum'):
     _require(0 <= config[key] < 1, f'{key} must be in [0, 1), got {config[key]}.')
-  for key in ('weight_decay', 'clip_norm', 'checkpoint_every'):
+  for key in ('weight_decay', 'clip_norm'):
     _require(config[key] >= 0, f'{key} must be >= 0, got {config[key]}.')
   _require(config.dirichlet_alpha > 0,
            f'dirichlet_alpha must be > 0, got {config.dirichlet_alpha}.')
@@ -162,7 +175,7 @@ def algorithm_hparams(config: ml_collections.ConfigDict) -> Any:
 
 
 def _build_algorithm(config: ml_collections.ConfigDict, hparams: Any, apply_fn: Any,
-                     mapping: engine.ClientMapping) -> engine.Algorithm:
+                     mapping: engine.ClientMapping, batch_size: int) -> engine.Algorithm:
   spec = algorithms.registry.get(config.algorithm)
   momentum = (config.server_optimizer == 'momentum'
               or (config.server_optimizer == 'auto' and spec.server_momentum))
@@ -171,7 +184,7 @@ def _build_algorithm(config: ml_collections.ConfigDict, hparams: Any, apply_fn: 
       cohort=engine.CohortConfig(clients_per_round=config.clients_per_round,
                                  replace=config.sample_with_replacement,
                                  weighted=config.weighted_aggregation),
-      local=engine.LocalConfig(batch_size=config.batch_size, local_epochs=config.local_epochs,
+      local=engine.LocalConfig(batch_size=batch_size, local_epochs=config.local_epochs,
                                local_steps=config.local_steps, momentum=config.momentum,
                                weight_decay=config.weight_decay, clip_norm=config.clip_norm,
                                lr_schedule=config.lr_schedule,
@@ -203,9 +216,18 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   model = models.get_model(config.model, dataset.num_classes, conv_impl=conv_impl)
   init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
   dummy = jnp.zeros((1,) + tuple(fed_data.input_shape), jnp.float32)
-  params = jax.jit(model.init)(init_key, dummy)['params']
+  try:
+    params = jax.jit(model.init)(init_key, dummy)['params']
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f'Model {config.model!r} cannot take {config.dataset!r} inputs of shape '
+        f'{tuple(fed_data.input_shape)} ({str(e).splitlines()[0]}); choose a model for this '
+        f'input size (valid models: {", ".join(models.MODELS)}).') from None
   hparams = algorithm_hparams(config)
-  algorithm = _build_algorithm(config, hparams, model.apply, mapping)
+  # A minibatch never exceeds the largest client: a larger static size would only add padded
+  # example slots (the same numbers at unbounded cost).
+  batch_size = min(config.batch_size, int(info.max_size))
+  algorithm = _build_algorithm(config, hparams, model.apply, mapping, batch_size)
   # Abstract init: checks that need the params' shapes (e.g. a density that keeps no weight)
   # fail here, before the run writes anything.
   jax.eval_shape(algorithm.init, _algorithm_key(config.seed), params, fed_data)
@@ -229,22 +251,6 @@ def _eval_key(seed: int, round_index: int) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 3), round_index)
 
 
-def _read_metrics(path: pathlib.Path, upto_round: int) -> list[dict[str, Any]]:
-  """Complete metric lines with ``round <= upto_round`` (a torn last line is dropped)."""
-  if not path.exists():
-    return []
-  rows = []
-  for line in path.read_text().splitlines():
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      break
-    if row.get('round', math.inf) > upto_round:
-      break
-    rows.append(row)
-  return rows
-
-
 def _format_eta(seconds: float) -> str:
   seconds = int(round(seconds))
   return f'{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
@@ -252,52 +258,170 @@ def _format_eta(seconds: float) -> str:
 
 def _checkpoint_manager(workdir: pathlib.Path, every: int):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (slow import; optional)
-  options = ocp.CheckpointManagerOptions(max_to_keep=1, save_interval_steps=every,
+  # Saves are requested explicitly (every `checkpoint_every` rounds and after the last round).
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, save_interval_steps=max(every, 1),
                                          enable_async_checkpointing=False)
   return ocp, ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> dict[str, Any]:
+def _saved_config(config: ml_collections.ConfigDict, hparams: Any) -> dict[str, Any]:
+  """The config as the run resolves it: the algorithm's section with its defaults, and an npz
+  dataset's absolute path (a relative one would name another file from another directory)."""
+  saved = json.loads(config.to_json_best_effort())
+  saved[config.algorithm] = dataclasses.asdict(hparams)
+  if not saved.get(config.algorithm):
+    del saved[config.algorithm]
+  npz = data_lib.sources._NPZ_PREFIX  # pylint: disable=protected-access
+  if saved['dataset'].startswith(npz):
+    saved['dataset'] = npz + os.path.abspath(os.path.expanduser(saved['dataset'][len(npz):]))
+  return saved
+
+
+def _make_workdir(workdir: pathlib.Path) -> None:
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / '.write_test'
+    probe.write_text('')
+    probe.unlink()
+  except OSError as e:
+    raise UsageError(f'Cannot use workdir {str(workdir)!r}: {e.strerror or e}; pass a '
+                     '--workdir in a writable location.') from None
+
+
+def _clear(workdir: pathlib.Path) -> None:
+  """Removes what a run writes into ``workdir`` (and nothing else)."""
+  for name in (METRICS_FILE, CONFIG_FILE):
+    (workdir / name).unlink(missing_ok=True)
+  shutil.rmtree(workdir / CHECKPOINT_DIR, ignore_errors=True)
+
+
+def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+  folder = workdir / CHECKPOINT_DIR
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _check_resumable(workdir: pathlib.Path, saved: dict[str, Any],
+                     config: ml_collections.ConfigDict) -> tuple[int, list[dict[str, Any]]]:
+  """Decides where a run in ``workdir`` starts: (checkpointed round to restore, metric rows).
+
+  Raises:
+    UsageError: when the workdir was produced by a different results-determining config,
+      ``num_rounds`` is below the rounds already run, or the checkpoint and the metrics
+      disagree -- before anything in the workdir changes.
+  """
+  way_out = ('use a new --workdir, or pass --overwrite (run(..., overwrite=True)) to delete '
+             'its metrics and checkpoints and start over')
+  config_path, metrics_path = workdir / CONFIG_FILE, workdir / METRICS_FILE
+  steps = _checkpoint_steps(workdir)
+  if not config_path.exists():
+    if metrics_path.exists() or steps:
+      raise UsageError(f'Workdir {str(workdir)!r} holds metrics or checkpoints but no '
+                       f'{CONFIG_FILE}, so what produced them is unknown; {way_out}.')
+    return 0, []
+  try:
+    prior = json.loads(config_path.read_text())
+  except json.JSONDecodeError as e:
+    raise UsageError(f'{config_path} is not valid JSON ({e}); {way_out}.') from None
+  diffs = workdir_lib.config_differences(prior, saved)
+  if diffs:
+    raise UsageError(
+        f'Workdir {str(workdir)!r} holds a run with a different config ({"; ".join(diffs)}). '
+        f'Only {", ".join(sorted(workdir_lib.OPERATIONAL_KEYS))} may change when resuming; '
+        f'{way_out}.')
+  rows = workdir_lib.read_metrics(metrics_path)
+  if config.num_rounds < len(rows):
+    raise UsageError(
+        f'num_rounds={config.num_rounds} is below the {len(rows)} rounds this workdir already '
+        f'holds; num_rounds may only grow when resuming ({way_out}).')
+  start = steps[-1] if steps else 0
+  if start > len(rows):
+    raise UsageError(
+        f'The checkpoint after round {start} in {str(workdir)!r} has metrics for only '
+        f'{len(rows)} rounds, so the totals it continues from cannot be checked; {way_out}.')
+  return start, rows[:start]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
+        overwrite: bool = False) -> dict[str, Any]:
   """Runs (or resumes) an experiment and returns its last metrics row.
+
+  A workdir belongs to one config: re-running it resumes from its latest checkpoint (or
+  starts over where it has none), provided the config differs at most in
+  `fedsparse.workdir.OPERATIONAL_KEYS` and ``num_rounds`` has not dropped below the rounds
+  already run. Anything else raises `UsageError` before the workdir changes. One run at a
+  time holds a workdir (`fedsparse.workdir.lock`).
 
   Args:
     config: a flat experiment config (see the module docstring).
     workdir: receives ``config.json``, ``metrics.jsonl`` and ``checkpoints/``.
+    overwrite: delete the workdir's previous metrics, checkpoints and config first.
 
   Returns:
     The metrics of the final round, including the last evaluation.
+
+  Raises:
+    UsageError: bad config, data or workdir (nothing is written).
+    FloatingPointError: the training loss became non-finite (its row is written, with
+      ``null`` values).
   """
-  exp = build_experiment(config)  # all validation happens here, before anything is written
+  try:
+    exp = build_experiment(config)  # all validation happens here, before anything is written
+  except (ValueError, OSError) as e:
+    if isinstance(e, UsageError):
+      raise
+    raise UsageError(str(e)) from e
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  # The algorithm's section as it ran, defaults included (also when the config had none).
-  saved = config.copy_and_resolve_references()
-  with saved.unlocked():
-    saved[config.algorithm] = dataclasses.asdict(exp.hparams)
-  (workdir / CONFIG_FILE).write_text(saved.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+  saved = _saved_config(config, exp.hparams)
+  _make_workdir(workdir)
+  with workdir_lib.lock(workdir):
+    if overwrite:
+      _clear(workdir)
+    start_round, history = _check_resumable(workdir, saved, config)
+    try:
+      return _run_rounds(exp, workdir, saved, start_round, history)
+    finally:
+      folder = workdir / CHECKPOINT_DIR
+      if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()  # no empty checkpoints/ left behind (e.g. a NaN in the first rounds)
+
+
+def _run_rounds(exp: Experiment, workdir: pathlib.Path, saved: dict[str, Any],
+                start_round: int, history: list[dict[str, Any]]) -> dict[str, Any]:
+  """The round loop of `run`, once the workdir is locked and known to be consistent."""
+  config = exp.config
   info = exp.partition_info
   logging.info('%s: %d clients (%d empty dropped), %s examples per client (min/mean/max), '
                'model %s with %s params, strategy %s.', config.dataset, info.num_clients,
                info.dropped_clients, f'{info.min_size}/{info.mean_size:.1f}/{info.max_size}',
                config.model, f'{sum(x.size for x in jax.tree.leaves(exp.params)):,}',
                exp.mapping.resolved())
+  if config.batch_size > info.max_size:
+    logging.info('batch_size %d exceeds the largest client (%d examples): minibatches hold at '
+                 'most %d examples.', config.batch_size, info.max_size, info.max_size)
 
   state = exp.algorithm.init(_algorithm_key(config.seed), exp.params, exp.data)
-  start_round = 0
+  cum = np.zeros(2, np.int64)  # bits up, bits down: the true totals, checkpointed with the state
   manager = None
-  if config.checkpoint_every:
+  if config.checkpoint_every or start_round:
     ocp, manager = _checkpoint_manager(workdir, config.checkpoint_every)
-    if manager.latest_step() is not None:
-      start_round = manager.latest_step()
-      state = manager.restore(start_round, args=ocp.args.StandardRestore(state))
-      logging.info('Resumed from the checkpoint after round %d.', start_round)
-
+  if start_round:
+    restored = manager.restore(start_round, args=ocp.args.StandardRestore(
+        {'state': state, 'cum_bits': cum}))
+    state, cum = restored['state'], np.asarray(restored['cum_bits'], np.int64)
+    logging.info('Resumed from the checkpoint after round %d.', start_round)
+  else:
+    if history:
+      logging.info('No checkpoint in the workdir: running from round 1 again.')
+    history = []
+    shutil.rmtree(workdir / CHECKPOINT_DIR, ignore_errors=True)  # stale or partial saves
+  workdir_lib.write_atomic(workdir / CONFIG_FILE, json.dumps(saved, indent=2, sort_keys=True)
+                           + '\n')
   metrics_path = workdir / METRICS_FILE
-  history = _read_metrics(metrics_path, start_round)
-  # Rewrite the file with only the rounds the restored state has seen (drops any torn line).
-  metrics_path.write_text(''.join(json.dumps(row) + '\n' for row in history))
-  cum_up = history[-1]['cum_bits_up'] if history else 0
-  cum_down = history[-1]['cum_bits_down'] if history else 0
+  # Only the rounds the restored state has seen (drops any torn or later line).
+  workdir_lib.write_atomic(metrics_path, ''.join(workdir_lib.json_row(r) + '\n'
+                                                 for r in history))
 
   t0 = time.perf_counter()
   round_fn = engine.jit(exp.algorithm.round, batched_clients=exp.mapping.batches_clients,
@@ -325,34 +449,37 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str]) -> d
                if k in metrics)
       down = sum(int(np.sum(metrics[k], dtype=np.int64)) for k in ('bits_down', 'bits_down_all')
                  if k in metrics)
-      cum_up += up
-      cum_down += down
+      cum += np.array([up, down], np.int64)
       row = {'round': t + 1, 'train_loss': float(metrics['train_loss']), 'bits_up': up,
-             'bits_down': down, 'cum_bits_up': cum_up, 'cum_bits_down': cum_down,
+             'bits_down': down, 'cum_bits_up': int(cum[0]), 'cum_bits_down': int(cum[1]),
              'round_seconds': seconds}
       row.update({k: float(v) for k, v in metrics.items()
                   if k not in _VECTOR_METRICS and k not in row and np.ndim(v) == 0
                   and not k.startswith(_PAYLOAD_PREFIX)})
       if t == start_round:
         row['compile_seconds'] = compile_seconds
-      if (t + 1) % config.eval_every == 0 or t + 1 == config.num_rounds:
+      finite = math.isfinite(row['train_loss'])
+      if finite and ((t + 1) % config.eval_every == 0 or t + 1 == config.num_rounds):
         params = exp.algorithm.eval_params(state, _eval_key(config.seed, t))
         ev = jax.device_get(exp.evaluate(params, exp.data))
         row.update({k: float(v) for k, v in ev.items()})
-      metrics_file.write(json.dumps(row) + '\n')  # one write per line: never a torn row
+      metrics_file.write(workdir_lib.json_row(row) + '\n')  # one write per line: never torn
       metrics_file.flush()
       last = row
-      if not math.isfinite(row['train_loss']):
+      if not finite:
         raise FloatingPointError(
-            f'The training loss became {row["train_loss"]} in round {t + 1}; lower learning_rate '
-            f'(now {config.learning_rate}) or set clip_norm.')
-      if manager is not None:
-        manager.save(t + 1, args=ocp.args.StandardSave(state))
+            f'The training loss became {row["train_loss"]} in round {t + 1} (the data were '
+            f'checked finite, so training diverged); lower learning_rate (now '
+            f'{config.learning_rate}) or set clip_norm (now {config.clip_norm}).')
+      if manager is not None and config.checkpoint_every and (
+          (t + 1) % config.checkpoint_every == 0 or t + 1 == config.num_rounds):
+        manager.save(t + 1, args=ocp.args.StandardSave({'state': state, 'cum_bits': cum}),
+                     force=True)
       done = t + 1 - start_round
       eta = elapsed / done * (config.num_rounds - t - 1)
       acc = f' test_acc {row["test_accuracy"]:.4f}' if 'test_accuracy' in row else ''
       logging.info('round %d/%d  loss %.4f%s  up %.2f MB  %.2f s/round  ETA %s', t + 1,
-                   config.num_rounds, row['train_loss'], acc, cum_up / 8e6, seconds,
+                   config.num_rounds, row['train_loss'], acc, cum[0] / 8e6, seconds,
                    _format_eta(eta))
   if manager is not None:
     manager.wait_until_finished()

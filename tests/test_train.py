@@ -138,10 +138,15 @@ def test_nan_loss_fails_fast_with_complete_lines(tmp_path):
   config = load_config('digits_fedavg')
   config.learning_rate = 1e8
   config.num_rounds = 5
+  config.checkpoint_every = 3
   with pytest.raises(FloatingPointError, match='learning_rate'):
     train.run(config, tmp_path / 'run')
-  rows = read_rows(tmp_path / 'run')  # every line parses
-  assert rows and not np.isfinite(rows[-1]['train_loss'])
+  lines = (tmp_path / 'run' / 'metrics.jsonl').read_text().splitlines()
+  rows = [json.loads(line) for line in lines]  # every line is strict JSON (no bare NaN)
+  assert 'NaN' not in ''.join(lines) and 'Infinity' not in ''.join(lines)
+  assert rows[-1]['train_loss'] is None and 'train_loss' in rows[-1]['nonfinite']
+  assert all('nonfinite' not in r for r in rows[:-1])
+  assert not (tmp_path / 'run' / 'checkpoints').exists()  # no empty folder left behind
 
 
 def test_cli_and_plot(tmp_path):

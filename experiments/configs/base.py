@@ -73,6 +73,24 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+CONFIG_ARGS = ('smoke',)
+
+
+def is_smoke(arg: str | None) -> bool:
+  """Whether a config file's argument (``--config=FILE:ARG``) asks for the smoke version.
+
+  Raises:
+    ValueError: for an argument other than none or ``smoke`` (a misspelt ``:smok`` must not
+      silently run the full experiment).
+  """
+  if arg in (None, ''):
+    return False
+  if arg not in CONFIG_ARGS:
+    raise ValueError(f'Unknown config argument {arg!r} (after the ":" of --config); valid: '
+                     f'{", ".join(CONFIG_ARGS)}, or none for the full experiment.')
+  return True
+
+
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Shrinks any experiment to seconds: few clients, rounds and steps; same code paths."""
   c.num_clients = min(c.num_clients, 8)

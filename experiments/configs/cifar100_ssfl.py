@@ -29,6 +29,6 @@ def get_config(arg: str | None = None):
   c.cosine_epochs = 10
   c.cosine_min_lr = 1e-5
   c.momentum = 0.9
-  if arg == 'smoke':
+  if base.is_smoke(arg):
     c = base.smoke(c)
   return c

@@ -34,6 +34,6 @@ def get_config(arg: str | None = None):
   c.clip_norm = 10.0
   c.eval_every = 10
   c.checkpoint_every = 50
-  if arg == 'smoke':
+  if base.is_smoke(arg):
     c = base.smoke(c)
   return c

@@ -23,6 +23,6 @@ from experiments.configs import cifar10_fedavg
 def get_config(arg: str | None = None):
   c = cifar10_fedavg.get_config()  # the reference setting of the dense baseline
   base.set_algorithm(c, 'ssfl', density=0.5, mask='saliency', saliency_score='ssfl')
-  if arg == 'smoke':
+  if base.is_smoke(arg):
     c = base.smoke(c)
   return c

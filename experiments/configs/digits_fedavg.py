@@ -27,6 +27,6 @@ def get_config(arg: str | None = None):
   c.batch_size = 16
   c.learning_rate = 0.05
   c.eval_every = 10
-  if arg == 'smoke':
+  if base.is_smoke(arg):
     c = base.smoke(c)
   return c

@@ -35,6 +35,6 @@ def get_config(arg: str | None = None):
   c.learning_rate = 0.05
   c.momentum = 0.0
   c.eval_every = 5
-  if arg == 'smoke':
+  if base.is_smoke(arg):
     c = base.smoke(c)
   return c

@@ -33,6 +33,6 @@ from experiments.configs import mnist_fedavg
 def get_config(arg: str | None = None):
   c = mnist_fedavg.get_config()  # the same data, partition, model and local training
   base.set_algorithm(c, 'ssfl', density=0.05, mask='saliency')
-  if arg == 'smoke':
+  if base.is_smoke(arg):
     c = base.smoke(c)
   return c

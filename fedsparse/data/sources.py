@@ -21,6 +21,7 @@ on a machine with network access (see `load_dataset`).
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
@@ -43,6 +44,10 @@ DATASETS = ('digits',) + tuple(_TFDS_NAMES)
 
 _NPZ_PREFIX = 'npz:'
 _NPZ_KEYS = ('x_train', 'y_train', 'x_test', 'y_test')
+# Without a declared `num_classes` array, an npz's class count is its largest label + 1; a
+# label beyond this cap is far more likely a corrupt value than a real class (the model's last
+# layer would have that many outputs). Files with more classes declare `num_classes`.
+MAX_OBSERVED_CLASSES = 10_000
 
 # Rows per chunk when computing statistics, so that a float64 copy of a whole image set
 # (376 MB for MNIST) is never materialised.
@@ -192,13 +197,24 @@ def _load_npz(path: str):
     raise ValueError(
         f'npz dataset file {path!r} not found; it must be a .npz file with arrays '
         f'{", ".join(_NPZ_KEYS)}.')
-  with np.load(path, allow_pickle=False) as f:
-    missing = [k for k in _NPZ_KEYS if k not in f.files]
-    if missing:
-      raise ValueError(
-          f'npz dataset file {path!r} lacks arrays {missing}; it needs all of '
-          f'{", ".join(_NPZ_KEYS)} (it has {sorted(f.files)}).')
-    arrays = {k: f[k] for k in _NPZ_KEYS}
+  try:
+    loaded = np.load(path, allow_pickle=False)
+    if not hasattr(loaded, 'files'):
+      raise ValueError('it holds a single array, not named arrays')
+    with loaded as f:
+      missing = [k for k in _NPZ_KEYS if k not in f.files]
+      if missing:
+        raise ValueError(
+            f'npz dataset file {path!r} lacks arrays {missing}; it needs all of '
+            f'{", ".join(_NPZ_KEYS)} (it has {sorted(f.files)}).')
+      arrays = {k: f[k] for k in _NPZ_KEYS}
+      declared = f['num_classes'] if 'num_classes' in f.files else None
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    if str(e).startswith('npz dataset file'):
+      raise
+    raise ValueError(
+        f'npz dataset file {path!r} is not a readable .npz archive ({e}); write it with '
+        f'numpy.savez(path, {", ".join(f"{k}=..." for k in _NPZ_KEYS)}).') from None
   out = {}
   for split in ('train', 'test'):
     x, y = arrays[f'x_{split}'], arrays[f'y_{split}']
@@ -208,6 +224,15 @@ def _load_npz(path: str):
       raise ValueError(
           f'npz dataset {path!r}: x_{split} must have shape [N, H, W] or [N, H, W, C], '
           f'got {x.shape}.')
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+      raise ValueError(f'npz dataset {path!r}: x_{split} must hold integer or floating point '
+                       f'pixels, got dtype {x.dtype}.')
+    if np.issubdtype(x.dtype, np.floating) and not np.all(np.isfinite(x)):
+      bad = np.argwhere(~np.isfinite(x))[0]
+      raise ValueError(
+          f'npz dataset {path!r}: x_{split} holds non-finite values ({x[tuple(bad)]} in '
+          f'example {bad[0]}, and {int(np.sum(~np.isfinite(x)))} in all); training on them '
+          'gives NaN losses. Clean or drop those examples.')
     y = np.asarray(y).reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
       raise ValueError(
@@ -217,14 +242,29 @@ def _load_npz(path: str):
       raise ValueError(
           f'npz dataset {path!r}: y_{split} must hold non-negative integer labels, got '
           f'dtype {y.dtype} with minimum {y.min()}.')
-    out[split] = (x, y.astype(np.int32))
+    out[split] = (x, y.astype(np.int64))
   (x_train, y_train), (x_test, y_test) = out['train'], out['test']
   if x_train.shape[1:] != x_test.shape[1:]:
     raise ValueError(
         f'npz dataset {path!r}: x_train and x_test image shapes differ: '
         f'{x_train.shape[1:]} vs {x_test.shape[1:]}.')
-  num_classes = int(max(y_train.max(initial=-1), y_test.max(initial=-1))) + 1
-  return x_train, y_train, x_test, y_test, num_classes
+  largest = int(max(y_train.max(initial=-1), y_test.max(initial=-1)))
+  if declared is not None:
+    if declared.ndim != 0 or not np.issubdtype(declared.dtype, np.integer) or declared < 1:
+      raise ValueError(f'npz dataset {path!r}: num_classes must be a positive integer scalar, '
+                       f'got {declared!r}.')
+    limit, what = int(declared), f'the {int(declared)} classes the file declares'
+  else:
+    limit = MAX_OBSERVED_CLASSES
+    what = (f'at most {MAX_OBSERVED_CLASSES:,} classes without a declared count (store a '
+            'num_classes array in the file for more)')
+  if largest >= limit:
+    split, y = ('train', y_train) if y_train.max(initial=-1) == largest else ('test', y_test)
+    raise ValueError(
+        f'npz dataset {path!r}: label {largest} (y_{split}[{int(np.argmax(y))}]) is out of '
+        f'range: labels must be in [0, {limit}), {what}.')
+  num_classes = limit if declared is not None else largest + 1
+  return x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32), num_classes
 
 
 def _load_tfds(tfds_name: str, data_dir: str | None):

@@ -1,0 +1,135 @@
+"""A run's working directory: one run at a time, and never out of step with what produced it.
+
+A workdir holds ``config.json`` (the resolved config of the run), ``metrics.jsonl`` (one JSON
+line per round) and ``checkpoints/``. The run loop (`fedsparse.train.run`) keeps them
+consistent with the helpers here:
+
+* `lock`: an exclusive, non-blocking lock (``fcntl.flock`` on ``.lock``), so a second run on the
+  same workdir fails at once, naming the process that holds it. The OS releases the lock when
+  its holder dies, even by ``kill -9``.
+* `config_differences`: resuming is allowed only with the same results-determining config.
+  `OPERATIONAL_KEYS` may change between invocations: they decide how often the run evaluates
+  or checkpoints, or where the data lives, not what it computes. ``num_rounds`` may grow
+  (continue training) but never drop below the rounds already in ``metrics.jsonl``.
+* `write_atomic` and `json_row`: files are replaced whole (write, fsync, rename), and metric
+  rows are strict JSON (non-finite values as ``null``, named in a ``nonfinite`` list).
+"""
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import pathlib
+import socket
+import time
+from typing import Any, Iterator
+
+__all__ = ['OPERATIONAL_KEYS', 'UsageError', 'WorkdirBusy', 'config_differences', 'flatten',
+           'json_row', 'lock', 'read_metrics', 'write_atomic']
+
+# Keys that may differ between a workdir's config.json and a resumed run's config.
+OPERATIONAL_KEYS = frozenset({'num_rounds', 'eval_every', 'eval_batch_size',
+                              'checkpoint_every', 'data_dir'})
+LOCK_FILE = '.lock'
+
+
+class UsageError(ValueError):
+  """A config, data or workdir problem the user must fix; reported as one line (exit code 2)."""
+
+
+class WorkdirBusy(UsageError):
+  """Another run holds the workdir's lock."""
+
+
+@contextlib.contextmanager
+def lock(workdir: pathlib.Path) -> Iterator[None]:
+  """Holds the workdir's exclusive lock for the duration of the block.
+
+  Raises:
+    WorkdirBusy: at once (no waiting) when another process holds the lock; the message names
+      it (pid, host, start time) as that process wrote it into the lock file.
+  """
+  path = workdir / LOCK_FILE
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 512).decode(errors='replace').strip() or 'another process'
+      raise WorkdirBusy(
+          f'Workdir {str(workdir)!r} is in use by another run ({holder}); wait for it to '
+          'finish, stop it, or use another --workdir.') from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()} since '
+                  f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n'.encode(), 0)
+    try:
+      yield
+    finally:
+      os.ftruncate(fd, 0)
+      fcntl.flock(fd, fcntl.LOCK_UN)
+  finally:
+    os.close(fd)
+
+
+def flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  """``{'a': {'b': 1}}`` -> ``{'a.b': 1}`` (config sections become dotted keys)."""
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(flatten(value, f'{prefix}{key}.'))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """``'key: saved -> new'`` for every results-determining key that differs (sorted)."""
+  old_flat, new_flat = flatten(saved), flatten(new)
+  diffs = []
+  for key in sorted(set(old_flat) | set(new_flat)):
+    if key in OPERATIONAL_KEYS:
+      continue
+    missing = '(absent)'
+    a, b = old_flat.get(key, missing), new_flat.get(key, missing)
+    if a != b:
+      diffs.append(f'{key}: {a!r} -> {b!r}')
+  return diffs
+
+
+def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
+  """The complete rows of ``metrics.jsonl`` as long as they number rounds 1, 2, 3, ...
+
+  Reading stops at a torn last line (a run killed mid-write) or at the first row out of
+  sequence, so the result is always a consistent prefix of a run.
+  """
+  if not path.exists():
+    return []
+  rows = []
+  for line in path.read_text().splitlines():
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      break
+    if not isinstance(row, dict) or row.get('round') != len(rows) + 1:
+      break
+    rows.append(row)
+  return rows
+
+
+def json_row(row: dict[str, Any]) -> str:
+  """One strict-JSON line: non-finite floats become ``null`` and are listed in ``nonfinite``."""
+  bad = sorted(k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v))
+  if bad:
+    row = {k: (None if k in bad else v) for k, v in row.items()}
+    row['nonfinite'] = bad
+  return json.dumps(row, allow_nan=False)
+
+
+def write_atomic(path: pathlib.Path, text: str) -> None:
+  """Replaces ``path`` with ``text`` whole: readers and crashes never see a partial file."""
+  tmp = path.with_name(f'.{path.name}.tmp')
+  with tmp.open('w') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
