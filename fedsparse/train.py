@@ -26,6 +26,11 @@ hyperparameters live in a section named after it, with the fields of its registe
 (e.g. ``config.ssfl.density``; `fedsparse.algorithms.SSFLConfig`). A section may be left out
 (the paper's defaults apply); a non-empty section of another algorithm, or a key the section's
 dataclass lacks, is an error naming the valid keys.
+
+Workdirs (`run`): one run at a time (`fedsparse.workdir.lock`); a workdir is resumed only with
+the config that produced it (``num_rounds`` may grow; `fedsparse.workdir.OPERATIONAL_KEYS` may
+change); checkpoints carry the cumulative bit counters, so totals stay true across resumes.
+Config, data and workdir problems raise `UsageError` before anything is written.
 """
 
 import dataclasses

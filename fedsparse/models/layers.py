@@ -7,7 +7,7 @@ dimension numbers, which XLA:CPU runs fast at the top level of a program but 5-1
 inside a loop body; under `vmap`, per-client kernels also turn into grouped convolutions.
 Max-pooling's gradient (select-and-scatter) is slow on XLA:CPU everywhere. This module offers
 three implementations of the same layers (same parameters, same results up to float32
-rounding; gradients of `fwdconv` are bit-identical to `xla`'s):
+rounding; pooling gradients of `fwdconv` are bit-identical to `xla`'s):
 
 * ``'xla'``: `lax.conv_general_dilated` and `lax.reduce_window` with autodiff gradients (what
   `flax.linen.Conv` and `flax.linen.max_pool` do). Best on GPU/TPU.
@@ -222,8 +222,8 @@ def _conv_input_grad_folded(g, kernel, pads):
   only, produces ``t[b, y, q, (j, c)]`` for every kernel column j at once (``kw * cin`` output
   features), and ``dx`` is the sum of the kw column-shifted slices ``t[:, :, x + j, j, :]``
   (t zero-padded along W). Same products, another summation order: agrees with autodiff to
-  float32 rounding, and measured 2.1x (MNISTNet) to 1.06x (Conv4's 64-channel layers) faster
-  (scripts/bench_conv.py --layers).
+  float32 rounding. Measured inside a `fori_loop` of batch-32 steps on the 2-core CPU: 2.1x
+  faster for MNISTNet's second conv (3.8 -> 1.8 ms), 1.06-1.27x for Conv4's 3x3 layers.
   """
   (kh, kw, cin, cout), (lo_h, hi_h), (lo_w, hi_w) = kernel.shape, *pads
   # folded[i, 0, o, (j, c)] = kernel[kh - 1 - i, kw - 1 - j, c, o]: flipped, in/out swapped.
