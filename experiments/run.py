@@ -96,7 +96,8 @@ def _flag_error(argv: Sequence[str], error: Exception) -> str:
   if config_arg is not None:
     path = config_arg.partition(':')[0]
     if not os.path.isfile(path):
-      return (f'Config file {path!r} not found (--config=FILE[:ARG], e.g. '
+      what = 'is a directory' if os.path.isdir(path) else 'not found'
+      return (f'Config file {path!r} {what} (--config=FILE[:ARG], e.g. '
               '--config=experiments/configs/digits_fedavg.py).')
   # absl wraps the cause ("flag --config.x=v: could not convert...", or the config file's
   # own exception); its last line says what was wrong.
@@ -108,6 +109,12 @@ def _flag_error(argv: Sequence[str], error: Exception) -> str:
   line = text[-1] if text else type(error).__name__
   if cause is not error and detail and detail[-1] not in line:
     line = f'{line} ({detail[-1]})'
+  if 'config_config' in line or 'get_config' in line:  # a config file that fails to load
+    line = f'Cannot load config file {config_arg!r}: {detail[-1] if detail else line}'
+  for prefix in ('ValueError: ', 'KeyError: ', 'TypeError: '):
+    line = line.replace(prefix, '')
+  if 'Non-boolean argument to boolean flag' in line:
+    line = line.split(':')[0] + ': expected true or false.'
   return line
 
 
@@ -140,10 +147,14 @@ def cli(argv: Sequence[str]) -> int:
   quiet_logs()
   fv = flags.FlagValues()
   config, workdir, overwrite, show_traceback = _define_flags(fv, argv)
+  wants_traceback = any(a in ('--traceback', '--traceback=true', '--traceback=True')
+                        for a in argv)
   try:
     fv(list(argv))
+    if fv['config'].present:
+      config.value.get('algorithm')  # ml_collections reports a load failure on first access
   except Exception as e:  # pylint: disable=broad-except -- reported as one line
-    if '--traceback' in argv:
+    if wants_traceback:
       traceback.print_exc()
     return _fail(_flag_error(argv, e), USAGE_ERROR)
   for name in ('config', 'workdir'):
@@ -169,5 +180,6 @@ def cli(argv: Sequence[str]) -> int:
 
 
 if __name__ == '__main__':
+  flags.FLAGS.mark_as_parsed()  # flags are parsed by cli(); silences absl's pre-parse warning
   logging.use_absl_handler()
   sys.exit(cli(sys.argv))

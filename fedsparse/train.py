@@ -33,6 +33,7 @@ change); checkpoints carry the cumulative bit counters, so totals stay true acro
 Config, data and workdir problems raise `UsageError` before anything is written.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -83,6 +84,7 @@ class Experiment:
   params: Any
   algorithm: engine.Algorithm
   evaluate: Any
+  batch_size: int  # the static minibatch size: config.batch_size capped at the largest client
 
 
 def _require(cond: bool, message: str) -> None:
@@ -238,7 +240,7 @@ def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
   jax.eval_shape(algorithm.init, _algorithm_key(config.seed), params, fed_data)
   evaluate = engine.make_evaluator(model.apply, config.eval_batch_size)
   return Experiment(config, fed_data, info, model, hparams, mapping, params, algorithm,
-                    evaluate)
+                    evaluate, batch_size)
 
 
 def _round_key(seed: int, round_index: int) -> jax.Array:
@@ -282,7 +284,12 @@ def _saved_config(config: ml_collections.ConfigDict, hparams: Any) -> dict[str, 
   return saved
 
 
-def _make_workdir(workdir: pathlib.Path) -> None:
+def _make_workdir(workdir: pathlib.Path) -> bool:
+  """Creates ``workdir`` if needed (returns whether it did) and checks that it is writable."""
+  if workdir.exists() and not workdir.is_dir():
+    raise UsageError(f'--workdir {str(workdir)!r} is a file, not a directory; pass a directory '
+                     '(it is created if missing).')
+  created = not workdir.exists()
   try:
     workdir.mkdir(parents=True, exist_ok=True)
     probe = workdir / '.write_test'
@@ -291,6 +298,7 @@ def _make_workdir(workdir: pathlib.Path) -> None:
   except OSError as e:
     raise UsageError(f'Cannot use workdir {str(workdir)!r}: {e.strerror or e}; pass a '
                      '--workdir in a writable location.') from None
+  return created
 
 
 def _clear(workdir: pathlib.Path) -> None:
@@ -316,8 +324,8 @@ def _check_resumable(workdir: pathlib.Path, saved: dict[str, Any],
       ``num_rounds`` is below the rounds already run, or the checkpoint and the metrics
       disagree -- before anything in the workdir changes.
   """
-  way_out = ('use a new --workdir, or pass --overwrite (run(..., overwrite=True)) to delete '
-             'its metrics and checkpoints and start over')
+  way_out = ('use a new --workdir, or pass --overwrite (overwrite=True in train.run) to '
+             'delete its metrics and checkpoints and start over')
   config_path, metrics_path = workdir / CONFIG_FILE, workdir / METRICS_FILE
   steps = _checkpoint_steps(workdir)
   if not config_path.exists():
@@ -325,6 +333,9 @@ def _check_resumable(workdir: pathlib.Path, saved: dict[str, Any],
       raise UsageError(f'Workdir {str(workdir)!r} holds metrics or checkpoints but no '
                        f'{CONFIG_FILE}, so what produced them is unknown; {way_out}.')
     return 0, []
+  rows = workdir_lib.read_metrics(metrics_path)
+  if not rows and not steps:
+    return 0, []  # nothing ran (e.g. the last attempt failed to compile): a fresh start
   try:
     prior = json.loads(config_path.read_text())
   except json.JSONDecodeError as e:
@@ -335,7 +346,6 @@ def _check_resumable(workdir: pathlib.Path, saved: dict[str, Any],
         f'Workdir {str(workdir)!r} holds a run with a different config ({"; ".join(diffs)}). '
         f'Only {", ".join(sorted(workdir_lib.OPERATIONAL_KEYS))} may change when resuming; '
         f'{way_out}.')
-  rows = workdir_lib.read_metrics(metrics_path)
   if config.num_rounds < len(rows):
     raise UsageError(
         f'num_rounds={config.num_rounds} is below the {len(rows)} rounds this workdir already '
@@ -345,6 +355,9 @@ def _check_resumable(workdir: pathlib.Path, saved: dict[str, Any],
     raise UsageError(
         f'The checkpoint after round {start} in {str(workdir)!r} has metrics for only '
         f'{len(rows)} rounds, so the totals it continues from cannot be checked; {way_out}.')
+  if not start and rows:
+    logging.info('No checkpoint in the workdir: running from round 1 again (the %d rounds '
+                 'there are recomputed to the same numbers).', len(rows))
   return start, rows[:start]
 
 
@@ -371,25 +384,42 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
     FloatingPointError: the training loss became non-finite (its row is written, with
       ``null`` values).
   """
-  try:
-    exp = build_experiment(config)  # all validation happens here, before anything is written
-  except (ValueError, OSError) as e:
-    if isinstance(e, UsageError):
-      raise
-    raise UsageError(str(e)) from e
   workdir = pathlib.Path(workdir)
-  saved = _saved_config(config, exp.hparams)
-  _make_workdir(workdir)
-  with workdir_lib.lock(workdir):
-    if overwrite:
-      _clear(workdir)
-    start_round, history = _check_resumable(workdir, saved, config)
-    try:
-      return _run_rounds(exp, workdir, saved, start_round, history)
-    finally:
-      folder = workdir / CHECKPOINT_DIR
-      if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()  # no empty checkpoints/ left behind (e.g. a NaN in the first rounds)
+  with _usage_errors():
+    validate_config(config)  # cheap checks first: nothing is created for a bad config
+    created = _make_workdir(workdir)
+  try:
+    with workdir_lib.lock(workdir):
+      with _usage_errors():
+        exp = build_experiment(config)  # data, model, abstract init: may still reject input
+      saved = _saved_config(config, exp.hparams)
+      if overwrite:
+        _clear(workdir)
+      start_round, history = _check_resumable(workdir, saved, config)
+      try:
+        return _run_rounds(exp, workdir, saved, start_round, history)
+      finally:
+        folder = workdir / CHECKPOINT_DIR
+        if folder.is_dir() and not any(folder.iterdir()):
+          folder.rmdir()  # no empty checkpoints/ left behind (e.g. a NaN in the first rounds)
+  except UsageError:
+    if created:  # leave no trace of a run that never started
+      (workdir / workdir_lib.LOCK_FILE).unlink(missing_ok=True)
+      with contextlib.suppress(OSError):
+        workdir.rmdir()
+    raise
+
+
+@contextlib.contextmanager
+def _usage_errors():
+  """Re-raises config, data and file problems as `UsageError` (one line for the CLI)."""
+  try:
+    yield
+  except UsageError:
+    raise
+  except (ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+          PermissionError) as e:
+    raise UsageError(str(e)) from e
 
 
 def _run_rounds(exp: Experiment, workdir: pathlib.Path, saved: dict[str, Any],
@@ -412,9 +442,22 @@ def _run_rounds(exp: Experiment, workdir: pathlib.Path, saved: dict[str, Any],
   if config.checkpoint_every or start_round:
     ocp, manager = _checkpoint_manager(workdir, config.checkpoint_every)
   if start_round:
-    restored = manager.restore(start_round, args=ocp.args.StandardRestore(
-        {'state': state, 'cum_bits': cum}))
+    try:
+      restored = manager.restore(start_round, args=ocp.args.StandardRestore(
+          {'state': state, 'cum_bits': cum}))
+    except Exception as e:  # pylint: disable=broad-except -- orbax raises many types
+      raise UsageError(
+          f'The checkpoint after round {start_round} in {str(workdir)!r} does not match this '
+          f'run\'s state ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it was written by '
+          'another version of fedsparse or damaged. Use a new --workdir, or --overwrite to start '
+          'over.') from e
     state, cum = restored['state'], np.asarray(restored['cum_bits'], np.int64)
+    expected = [history[-1]['cum_bits_up'], history[-1]['cum_bits_down']]
+    if cum.tolist() != expected:
+      raise UsageError(
+          f'The checkpoint after round {start_round} counts {cum.tolist()} bits up/down but '
+          f'metrics.jsonl {expected}; the workdir was modified outside fedsparse. Use a new '
+          '--workdir, or --overwrite to start over.')
     logging.info('Resumed from the checkpoint after round %d.', start_round)
   else:
     if history:
@@ -427,6 +470,10 @@ def _run_rounds(exp: Experiment, workdir: pathlib.Path, saved: dict[str, Any],
   # Only the rounds the restored state has seen (drops any torn or later line).
   workdir_lib.write_atomic(metrics_path, ''.join(workdir_lib.json_row(r) + '\n'
                                                  for r in history))
+
+  if start_round >= config.num_rounds:
+    manager.close()  # start_round > 0: a checkpoint was restored
+    return _finish(exp, state, history, workdir)
 
   t0 = time.perf_counter()
   round_fn = engine.jit(exp.algorithm.round, batched_clients=exp.mapping.batches_clients,
@@ -489,4 +536,18 @@ def _run_rounds(exp: Experiment, workdir: pathlib.Path, saved: dict[str, Any],
   if manager is not None:
     manager.wait_until_finished()
     manager.close()
+  return last
+
+
+def _finish(exp: Experiment, state: Any, history: list[dict[str, Any]],
+            workdir: pathlib.Path) -> dict[str, Any]:
+  """A resumed run with no rounds left: its last row, evaluated if it was not yet."""
+  last = dict(history[-1])
+  if 'test_accuracy' not in last:
+    # E.g. a run cut to the round of its last checkpoint: the final round is always evaluated.
+    params = exp.algorithm.eval_params(state, _eval_key(exp.config.seed, last['round'] - 1))
+    last.update({k: float(v) for k, v in jax.device_get(exp.evaluate(params, exp.data)).items()})
+    workdir_lib.write_atomic(workdir / METRICS_FILE, ''.join(
+        workdir_lib.json_row(r) + '\n' for r in history[:-1] + [last]))
+  logging.info('The workdir already holds all %d rounds.', last['round'])
   return last

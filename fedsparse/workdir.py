@@ -56,9 +56,14 @@ def lock(workdir: pathlib.Path) -> Iterator[None]:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      holder = os.read(fd, 512).decode(errors='replace').strip() or 'another process'
+      holder = ''
+      for _ in range(20):  # the holder writes its name just after locking: give it a moment
+        holder = os.pread(fd, 512, 0).decode(errors='replace').strip()
+        if holder:
+          break
+        time.sleep(0.01)
       raise WorkdirBusy(
-          f'Workdir {str(workdir)!r} is in use by another run ({holder}); wait for it to '
+          f'Workdir {str(workdir)!r} is in use by another run ({holder or "another process"}); wait for it to '
           'finish, stop it, or use another --workdir.') from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f'pid {os.getpid()} on {socket.gethostname()} since '

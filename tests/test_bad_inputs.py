@@ -8,6 +8,7 @@ naming the problem and what is valid, and that the workdir holds exactly what it
 import json
 import os
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -180,8 +181,10 @@ def _single_array(folder: pathlib.Path) -> str:
 
 
 NPZ_CASES = {
-    'not a zip': (_text_file, ['data.npz', 'not a readable .npz']),
-    'one array': (_single_array, ['data.npz', 'single array']),
+    'not a zip': (_text_file, ['data.npz', 'not a .npz (zip) archive', 'numpy.savez']),
+    'one array': (_single_array, ['data.npz', 'not a .npz (zip) archive']),
+    'object arrays': (lambda p: npz(p, y_test=lambda y: y.astype(object)).split('=', 1)[1],
+                      ['data.npz', 'object (pickled) arrays']),
     'missing array': (lambda p: npz(p, y_test=None).split('=', 1)[1], ['lacks', 'y_test']),
     'label 1e6': (lambda p: npz(p, y_train=_big_label).split('=', 1)[1],
                   ['label 1000000', 'y_train[7]', '10,000', 'num_classes']),
@@ -224,6 +227,14 @@ def test_unwritable_workdir(tmp_path, capsys):
   blocker.write_text('not a directory')
   code, _, err = cli([DIGITS] + FAST + [f'--workdir={blocker / "run"}'], capsys)
   assert_one_line_error(code, err, [str(blocker / 'run'), 'writable'])
+  assert blocker.read_text() == 'not a directory'
+
+
+def test_workdir_that_is_a_file(tmp_path, capsys):
+  blocker = tmp_path / 'file'
+  blocker.write_text('not a directory')
+  code, _, err = cli([DIGITS] + FAST + [f'--workdir={blocker}'], capsys)
+  assert_one_line_error(code, err, [str(blocker), 'is a file, not a directory'])
   assert blocker.read_text() == 'not a directory'
 
 
@@ -276,9 +287,16 @@ def test_a_second_run_on_a_busy_workdir_fails_at_once(finished, capsys):
 
 
 def test_operational_keys_may_change_and_rounds_may_grow(finished, tmp_path, capsys):
-  workdir, args = finished
+  original, args = finished
+  workdir = tmp_path / 'copy'  # the shared workdir stays as it is for the other tests
+  shutil.copytree(original, workdir)
+  args = [a for a in args if not a.startswith('--workdir=')] + [f'--workdir={workdir}']
   rows = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   code, out, _ = cli(args + ['--config.eval_every=3'], capsys)  # finished: nothing to do
   assert code == 0 and 'round 4' in out
   assert [json.loads(line) for line in
           (workdir / 'metrics.jsonl').read_text().splitlines()] == rows
+  code, out, _ = cli(args + ['--config.num_rounds=6', '--config.checkpoint_every=3'], capsys)
+  assert code == 0 and 'round 6' in out
+  grown = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  assert grown[:4] == rows and [r['round'] for r in grown] == list(range(1, 7))

@@ -48,7 +48,7 @@ def test_stale_checkpoints_never_corrupt_metrics(tmp_path):
              f'--workdir={workdir}') == 0
   assert cli(*DIGITS, '--config.num_rounds=3', '--config.checkpoint_every=0',
              f'--workdir={workdir}') == run_lib.USAGE_ERROR
-  assert cli(*DIGITS, '--config.num_rounds=8', '--config.checkpoint_every=0',
+  assert cli(*DIGITS, '--config.num_rounds=8', '--config.checkpoint_every=5',
              f'--workdir={workdir}') == 0
   rows = rows_of(workdir)
   assert len(rows) == 8
@@ -112,7 +112,9 @@ def test_batch_size_is_capped_at_the_largest_client(tmp_path, caplog):
   with caplog.at_level('INFO'):
     train.run(_config(batch_size=100_000, local_steps=0, local_epochs=1), capped)
   assert 'batch_size 100000 exceeds the largest client' in caplog.text
-  largest = train.build_experiment(_config()).partition_info.max_size
+  exp = train.build_experiment(_config(batch_size=100_000))
+  largest = exp.partition_info.max_size
+  assert exp.batch_size == largest < 100_000
   exact = tmp_path / 'exact'
   train.run(_config(batch_size=largest, local_steps=0, local_epochs=1), exact)
   for a, b in zip(rows_of(capped), rows_of(exact)):
@@ -146,30 +148,60 @@ def test_logs_are_quiet(tmp_path):
       cwd=ROOT, capture_output=True, text=True, check=True)
   assert 'orbax' not in out.stderr.lower() and 'Unable to initialize backend' not in out.stderr
   assert out.stderr.count('ETA') == 3  # progress lines are kept
+  # Progress, a summary of data and model, the compile time: nothing per checkpoint save.
+  assert len(out.stderr.splitlines()) <= 3 + 4, out.stderr
+
+
+def test_a_run_cut_to_its_checkpoint_evaluates_the_final_round(tmp_path, capsys):
+  workdir = tmp_path / 'run'
+  args = [*DIGITS, '--config.num_rounds=3', '--config.checkpoint_every=3',
+          '--config.eval_every=5', f'--workdir={workdir}']
+  assert cli(*args) == 0
+  evaluated = rows_of(workdir)
+  # As if round 3 were the checkpoint of a longer run that did not evaluate it (eval_every=5)
+  # and was cut there: the last row lacks the evaluation.
+  rows = [dict(r) for r in evaluated]
+  rows[-1] = {k: v for k, v in rows[-1].items() if 'accuracy' not in k and 'test' not in k}
+  (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  capsys.readouterr()
+  assert cli(*args) == 0
+  assert 'Final (round 3)' in capsys.readouterr().out
+  assert strip(rows_of(workdir)) == strip(evaluated)
+
+
+def test_a_failed_start_does_not_tie_the_workdir_to_its_config(tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text('{"learning_rate": 123}')  # no metrics, no checkpoint
+  assert cli(*DIGITS, '--config.num_rounds=1', f'--workdir={workdir}') == 0
+  assert json.loads((workdir / 'config.json').read_text())['learning_rate'] == 0.05
 
 
 @pytest.mark.parametrize('config', ['digits_fedavg', 'mnist_ssfl'])
 def test_kill_9_at_a_random_moment_then_rerun_reproduces_the_run(config, tmp_path):
+  # 200 local steps per client make each round take a visible time, so the kills land inside
+  # the run: before the first round, and at a random moment between later rounds or saves.
   args = [sys.executable, '-m', 'experiments.run', f'--config={CONFIGS / config}.py:smoke',
-          '--config.dataset=digits', '--config.model=mlp', '--config.num_rounds=8',
-          '--config.checkpoint_every=2']
+          '--config.dataset=digits', '--config.model=mlp', '--config.num_rounds=10',
+          '--config.local_steps=200', '--config.checkpoint_every=2']
   subprocess.run(args + [f'--workdir={tmp_path / "full"}'], cwd=ROOT, check=True,
                  capture_output=True)
   workdir = tmp_path / 'killed'
   rng = random.Random(config)  # a reproducible "random" moment per case
-  for attempt in range(2):  # killed twice: once early, once during the rounds
+  for wanted_rows in (0, rng.randint(2, 7)):
     proc = subprocess.Popen(args + [f'--workdir={workdir}'], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    wanted_rows = 0 if attempt == 0 else rng.randint(2, 6)
+    rows = 0
     while time.monotonic() < deadline and proc.poll() is None:
-      rows = (workdir / 'metrics.jsonl').read_text().count('\n') if (
-          workdir / 'metrics.jsonl').exists() else 0
+      path = workdir / 'metrics.jsonl'
+      rows = path.read_text().count('\n') if path.exists() else 0
       if rows >= wanted_rows:
         break
-      time.sleep(0.05)
-    time.sleep(rng.uniform(0, 1.5))
+      time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.05))
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL  # killed, not finished
+    assert rows < 10
   subprocess.run(args + [f'--workdir={workdir}'], cwd=ROOT, check=True, capture_output=True)
   assert strip(rows_of(workdir)) == strip(rows_of(tmp_path / 'full'))

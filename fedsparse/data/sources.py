@@ -197,6 +197,10 @@ def _load_npz(path: str):
     raise ValueError(
         f'npz dataset file {path!r} not found; it must be a .npz file with arrays '
         f'{", ".join(_NPZ_KEYS)}.')
+  if not zipfile.is_zipfile(path):
+    raise ValueError(
+        f'npz dataset file {path!r} is not a .npz (zip) archive; write it with '
+        f'numpy.savez(path, {", ".join(f"{k}=..." for k in _NPZ_KEYS)}).')
   try:
     loaded = np.load(path, allow_pickle=False)
     if not hasattr(loaded, 'files'):
@@ -212,6 +216,9 @@ def _load_npz(path: str):
   except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
     if str(e).startswith('npz dataset file'):
       raise
+    if 'allow_pickle' in str(e):
+      raise ValueError(f'npz dataset file {path!r} holds object (pickled) arrays; save plain '
+                       'numeric arrays (numpy.savez of integer or float arrays).') from None
     raise ValueError(
         f'npz dataset file {path!r} is not a readable .npz archive ({e}); write it with '
         f'numpy.savez(path, {", ".join(f"{k}=..." for k in _NPZ_KEYS)}).') from None

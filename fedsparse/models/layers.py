@@ -67,7 +67,7 @@ def resolve_impl(impl: str, *, batched_clients: bool = False) -> str:
     ValueError: if ``impl`` is not one of `IMPLS`.
   """
   if impl not in IMPLS:
-    raise ValueError(f'Unknown conv/pool impl {impl!r}; expected one of {IMPLS}.')
+    raise ValueError(f'Unknown conv_impl {impl!r}; valid: {", ".join(IMPLS)}.')
   if impl == 'auto':
     if jax.default_backend() != 'cpu':
       return 'xla'
