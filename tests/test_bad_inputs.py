@@ -199,6 +199,9 @@ NPZ_CASES = {
                    ['x_train', 'non-finite', 'example 3']),
     'label count mismatch': (lambda p: npz(p, y_train=lambda y: y[:50]).split('=', 1)[1],
                              ['y_train must have shape [96]']),
+    'no train examples': (lambda p: npz(p, x_train=lambda x: x[:0],
+                                        y_train=lambda y: y[:0]).split('=', 1)[1],
+                          ['data.npz', 'no train examples']),
     'image shapes differ': (lambda p: npz(p, x_test=lambda x: x[:, :7]).split('=', 1)[1],
                             ['image shapes differ']),
 }

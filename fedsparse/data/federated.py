@@ -147,7 +147,7 @@ def make_federated_data(
   num_test = dataset.y_test.shape[0]
   if test_fraction is None:
     if num_train == 0:
-      raise ValueError('The dataset has no train examples.')
+      raise ValueError(f'Dataset {dataset.name!r} has no train examples (x_train is empty).')
     test_fraction = num_test / num_train
   elif not (np.isfinite(test_fraction) and test_fraction > 0):
     raise ValueError(f'test_fraction must be a finite number > 0 or None, got {test_fraction!r}.')
