@@ -334,7 +334,7 @@ def _check_resumable(workdir: pathlib.Path, saved: dict[str, Any],
                        f'{CONFIG_FILE}, so what produced them is unknown; {way_out}.')
     return 0, []
   rows = workdir_lib.read_metrics(metrics_path)
-  if not rows and not steps:
+  if not steps and not (metrics_path.exists() and metrics_path.read_text().strip()):
     return 0, []  # nothing ran (e.g. the last attempt failed to compile): a fresh start
   try:
     prior = json.loads(config_path.read_text())
@@ -388,26 +388,29 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
   with _usage_errors():
     validate_config(config)  # cheap checks first: nothing is created for a bad config
     created = _make_workdir(workdir)
-  try:
-    with workdir_lib.lock(workdir):
+  had_lock_file = (workdir / workdir_lib.LOCK_FILE).exists()
+  with workdir_lib.lock(workdir):
+    try:
       with _usage_errors():
         exp = build_experiment(config)  # data, model, abstract init: may still reject input
       saved = _saved_config(config, exp.hparams)
       if overwrite:
         _clear(workdir)
       start_round, history = _check_resumable(workdir, saved, config)
-      try:
-        return _run_rounds(exp, workdir, saved, start_round, history)
-      finally:
-        folder = workdir / CHECKPOINT_DIR
-        if folder.is_dir() and not any(folder.iterdir()):
-          folder.rmdir()  # no empty checkpoints/ left behind (e.g. a NaN in the first rounds)
-  except UsageError:
-    if created:  # leave no trace of a run that never started
-      (workdir / workdir_lib.LOCK_FILE).unlink(missing_ok=True)
-      with contextlib.suppress(OSError):
-        workdir.rmdir()
-    raise
+    except UsageError:
+      # Leave no trace of a run that never started (the lock is still held meanwhile).
+      if not had_lock_file:
+        (workdir / workdir_lib.LOCK_FILE).unlink(missing_ok=True)
+      if created:
+        with contextlib.suppress(OSError):
+          workdir.rmdir()
+      raise
+    try:
+      return _run_rounds(exp, workdir, saved, start_round, history)
+    finally:
+      folder = workdir / CHECKPOINT_DIR
+      if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()  # no empty checkpoints/ left behind (e.g. a NaN in the first rounds)
 
 
 @contextlib.contextmanager
@@ -436,107 +439,106 @@ def _run_rounds(exp: Experiment, workdir: pathlib.Path, saved: dict[str, Any],
     logging.info('batch_size %d exceeds the largest client (%d examples): minibatches hold at '
                  'most %d examples.', config.batch_size, info.max_size, info.max_size)
 
-  state = exp.algorithm.init(_algorithm_key(config.seed), exp.params, exp.data)
-  cum = np.zeros(2, np.int64)  # bits up, bits down: the true totals, checkpointed with the state
-  manager = None
-  if config.checkpoint_every or start_round:
-    ocp, manager = _checkpoint_manager(workdir, config.checkpoint_every)
-  if start_round:
-    try:
-      restored = manager.restore(start_round, args=ocp.args.StandardRestore(
-          {'state': state, 'cum_bits': cum}))
-    except Exception as e:  # pylint: disable=broad-except -- orbax raises many types
-      raise UsageError(
-          f'The checkpoint after round {start_round} in {str(workdir)!r} does not match this '
-          f'run\'s state ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it was written by '
-          'another version of fedsparse or damaged. Use a new --workdir, or --overwrite to start '
-          'over.') from e
-    state, cum = restored['state'], np.asarray(restored['cum_bits'], np.int64)
-    expected = [history[-1]['cum_bits_up'], history[-1]['cum_bits_down']]
-    if cum.tolist() != expected:
-      raise UsageError(
-          f'The checkpoint after round {start_round} counts {cum.tolist()} bits up/down but '
-          f'metrics.jsonl {expected}; the workdir was modified outside fedsparse. Use a new '
-          '--workdir, or --overwrite to start over.')
-    logging.info('Resumed from the checkpoint after round %d.', start_round)
-  else:
-    if history:
-      logging.info('No checkpoint in the workdir: running from round 1 again.')
-    history = []
-    shutil.rmtree(workdir / CHECKPOINT_DIR, ignore_errors=True)  # stale or partial saves
-  workdir_lib.write_atomic(workdir / CONFIG_FILE, json.dumps(saved, indent=2, sort_keys=True)
-                           + '\n')
-  metrics_path = workdir / METRICS_FILE
-  # Only the rounds the restored state has seen (drops any torn or later line).
-  workdir_lib.write_atomic(metrics_path, ''.join(workdir_lib.json_row(r) + '\n'
-                                                 for r in history))
+  with contextlib.ExitStack() as stack:
+    state = exp.algorithm.init(_algorithm_key(config.seed), exp.params, exp.data)
+    cum = np.zeros(2, np.int64)  # bits up, bits down: the true totals, checkpointed with the state
+    manager = None
+    if config.checkpoint_every or start_round:
+      ocp, manager = _checkpoint_manager(workdir, config.checkpoint_every)
+      stack.callback(manager.close)  # also on errors: restore, compile, a non-finite loss
+    if start_round:
+      try:
+        restored = manager.restore(start_round, args=ocp.args.StandardRestore(
+            {'state': state, 'cum_bits': cum}))
+      except Exception as e:  # pylint: disable=broad-except -- orbax raises many types
+        raise UsageError(
+            f'The checkpoint after round {start_round} in {str(workdir)!r} does not match this '
+            f'run\'s state ({type(e).__name__}: {(str(e).splitlines() or [""])[0][:200]}); it was '
+            'written by '
+            'another version of fedsparse or damaged. Use a new --workdir, or --overwrite to start '
+            'over.') from e
+      state, cum = restored['state'], np.asarray(restored['cum_bits'], np.int64)
+      expected = [history[-1].get('cum_bits_up'), history[-1].get('cum_bits_down')]
+      if cum.tolist() != expected:
+        raise UsageError(
+            f'The checkpoint after round {start_round} counts {cum.tolist()} bits up/down but '
+            f'metrics.jsonl {expected}; the workdir was modified outside fedsparse. Use a new '
+            '--workdir, or --overwrite to start over.')
+      logging.info('Resumed from the checkpoint after round %d.', start_round)
+    else:
+      history = []
+      shutil.rmtree(workdir / CHECKPOINT_DIR, ignore_errors=True)  # stale or partial saves
+    workdir_lib.write_atomic(workdir / CONFIG_FILE, json.dumps(saved, indent=2, sort_keys=True)
+                             + '\n')
+    metrics_path = workdir / METRICS_FILE
+    # Only the rounds the restored state has seen (drops any torn or later line).
+    workdir_lib.write_atomic(metrics_path, ''.join(workdir_lib.json_row(r) + '\n'
+                                                   for r in history))
 
-  if start_round >= config.num_rounds:
-    manager.close()  # start_round > 0: a checkpoint was restored
-    return _finish(exp, state, history, workdir)
+    if start_round >= config.num_rounds:
+      return _finish(exp, state, history, workdir)
 
-  t0 = time.perf_counter()
-  round_fn = engine.jit(exp.algorithm.round, batched_clients=exp.mapping.batches_clients,
-                        donate_argnums=0).lower(
-      state, exp.data, _round_key(config.seed, 0)).compile()
-  compile_seconds = time.perf_counter() - t0
-  logging.info('Round compiled in %.1f s.', compile_seconds)
+    t0 = time.perf_counter()
+    round_fn = engine.jit(exp.algorithm.round, batched_clients=exp.mapping.batches_clients,
+                          donate_argnums=0).lower(
+        state, exp.data, _round_key(config.seed, 0)).compile()
+    compile_seconds = time.perf_counter() - t0
+    logging.info('Round compiled in %.1f s.', compile_seconds)
 
-  last: dict[str, Any] = history[-1] if history else {}
-  elapsed = 0.0
-  with metrics_path.open('a') as metrics_file:
-    for t in range(start_round, config.num_rounds):
-      t0 = time.perf_counter()
-      state, metrics = round_fn(state, exp.data, _round_key(config.seed, t))
-      metrics = jax.device_get(metrics)
-      if exp.algorithm.host_bits is not None:
-        # Data-dependent encodings: lengths computed on the host from the round's payloads.
-        for name, bits in exp.algorithm.host_bits(metrics).items():
-          metrics[name] = np.asarray(metrics[name], np.int64) + np.asarray(bits, np.int64)
-      seconds = time.perf_counter() - t0
-      elapsed += seconds
-      # Cohort traffic plus any population-wide one-time traffic (e.g. SSFL's scoring round),
-      # summed in int64: per-client counts are int32, totals are not.
-      up = sum(int(np.sum(metrics[k], dtype=np.int64)) for k in ('bits_up', 'bits_up_all')
-               if k in metrics)
-      down = sum(int(np.sum(metrics[k], dtype=np.int64)) for k in ('bits_down', 'bits_down_all')
+    last: dict[str, Any] = history[-1] if history else {}
+    elapsed = 0.0
+    with metrics_path.open('a') as metrics_file:
+      for t in range(start_round, config.num_rounds):
+        t0 = time.perf_counter()
+        state, metrics = round_fn(state, exp.data, _round_key(config.seed, t))
+        metrics = jax.device_get(metrics)
+        if exp.algorithm.host_bits is not None:
+          # Data-dependent encodings: lengths computed on the host from the round's payloads.
+          for name, bits in exp.algorithm.host_bits(metrics).items():
+            metrics[name] = np.asarray(metrics[name], np.int64) + np.asarray(bits, np.int64)
+        seconds = time.perf_counter() - t0
+        elapsed += seconds
+        # Cohort traffic plus any population-wide one-time traffic (e.g. SSFL's scoring round),
+        # summed in int64: per-client counts are int32, totals are not.
+        up = sum(int(np.sum(metrics[k], dtype=np.int64)) for k in ('bits_up', 'bits_up_all')
                  if k in metrics)
-      cum += np.array([up, down], np.int64)
-      row = {'round': t + 1, 'train_loss': float(metrics['train_loss']), 'bits_up': up,
-             'bits_down': down, 'cum_bits_up': int(cum[0]), 'cum_bits_down': int(cum[1]),
-             'round_seconds': seconds}
-      row.update({k: float(v) for k, v in metrics.items()
-                  if k not in _VECTOR_METRICS and k not in row and np.ndim(v) == 0
-                  and not k.startswith(_PAYLOAD_PREFIX)})
-      if t == start_round:
-        row['compile_seconds'] = compile_seconds
-      finite = math.isfinite(row['train_loss'])
-      if finite and ((t + 1) % config.eval_every == 0 or t + 1 == config.num_rounds):
-        params = exp.algorithm.eval_params(state, _eval_key(config.seed, t))
-        ev = jax.device_get(exp.evaluate(params, exp.data))
-        row.update({k: float(v) for k, v in ev.items()})
-      metrics_file.write(workdir_lib.json_row(row) + '\n')  # one write per line: never torn
-      metrics_file.flush()
-      last = row
-      if not finite:
-        raise FloatingPointError(
-            f'The training loss became {row["train_loss"]} in round {t + 1} (the data were '
-            f'checked finite, so training diverged); lower learning_rate (now '
-            f'{config.learning_rate}) or set clip_norm (now {config.clip_norm}).')
-      if manager is not None and config.checkpoint_every and (
-          (t + 1) % config.checkpoint_every == 0 or t + 1 == config.num_rounds):
-        manager.save(t + 1, args=ocp.args.StandardSave({'state': state, 'cum_bits': cum}),
-                     force=True)
-      done = t + 1 - start_round
-      eta = elapsed / done * (config.num_rounds - t - 1)
-      acc = f' test_acc {row["test_accuracy"]:.4f}' if 'test_accuracy' in row else ''
-      logging.info('round %d/%d  loss %.4f%s  up %.2f MB  %.2f s/round  ETA %s', t + 1,
-                   config.num_rounds, row['train_loss'], acc, cum[0] / 8e6, seconds,
-                   _format_eta(eta))
-  if manager is not None:
-    manager.wait_until_finished()
-    manager.close()
-  return last
+        down = sum(int(np.sum(metrics[k], dtype=np.int64)) for k in ('bits_down', 'bits_down_all')
+                   if k in metrics)
+        cum += np.array([up, down], np.int64)
+        row = {'round': t + 1, 'train_loss': float(metrics['train_loss']), 'bits_up': up,
+               'bits_down': down, 'cum_bits_up': int(cum[0]), 'cum_bits_down': int(cum[1]),
+               'round_seconds': seconds}
+        row.update({k: float(v) for k, v in metrics.items()
+                    if k not in _VECTOR_METRICS and k not in row and np.ndim(v) == 0
+                    and not k.startswith(_PAYLOAD_PREFIX)})
+        if t == start_round:
+          row['compile_seconds'] = compile_seconds
+        finite = math.isfinite(row['train_loss'])
+        if finite and ((t + 1) % config.eval_every == 0 or t + 1 == config.num_rounds):
+          params = exp.algorithm.eval_params(state, _eval_key(config.seed, t))
+          ev = jax.device_get(exp.evaluate(params, exp.data))
+          row.update({k: float(v) for k, v in ev.items()})
+        metrics_file.write(workdir_lib.json_row(row) + '\n')  # one write per line: never torn
+        metrics_file.flush()
+        last = row
+        if not finite:
+          raise FloatingPointError(
+              f'The training loss became {row["train_loss"]} in round {t + 1} (the data were '
+              f'checked finite, so training diverged); lower learning_rate (now '
+              f'{config.learning_rate}) or set clip_norm (now {config.clip_norm}).')
+        if manager is not None and config.checkpoint_every and (
+            (t + 1) % config.checkpoint_every == 0 or t + 1 == config.num_rounds):
+          manager.save(t + 1, args=ocp.args.StandardSave({'state': state, 'cum_bits': cum}),
+                       force=True)
+        done = t + 1 - start_round
+        eta = elapsed / done * (config.num_rounds - t - 1)
+        acc = f' test_acc {row["test_accuracy"]:.4f}' if 'test_accuracy' in row else ''
+        logging.info('round %d/%d  loss %.4f%s  up %.2f MB  %.2f s/round  ETA %s', t + 1,
+                     config.num_rounds, row['train_loss'], acc, cum[0] / 8e6, seconds,
+                     _format_eta(eta))
+    if manager is not None:
+      manager.wait_until_finished()
+    return last
 
 
 def _finish(exp: Experiment, state: Any, history: list[dict[str, Any]],

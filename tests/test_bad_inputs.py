@@ -233,6 +233,16 @@ def test_unwritable_workdir(tmp_path, capsys):
   assert blocker.read_text() == 'not a directory'
 
 
+def test_bad_data_leaves_an_existing_workdir_as_it_was(tmp_path, capsys):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'notes.txt').write_text('mine')
+  code, _, err = cli([DIGITS] + FAST + [npz(tmp_path, y_train=_big_label),
+                                         f'--workdir={workdir}'], capsys)
+  assert_one_line_error(code, err, ['label 1000000'])
+  assert sorted(p.name for p in workdir.iterdir()) == ['notes.txt']
+
+
 def test_workdir_that_is_a_file(tmp_path, capsys):
   blocker = tmp_path / 'file'
   blocker.write_text('not a directory')

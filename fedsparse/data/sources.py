@@ -202,10 +202,7 @@ def _load_npz(path: str):
         f'npz dataset file {path!r} is not a .npz (zip) archive; write it with '
         f'numpy.savez(path, {", ".join(f"{k}=..." for k in _NPZ_KEYS)}).')
   try:
-    loaded = np.load(path, allow_pickle=False)
-    if not hasattr(loaded, 'files'):
-      raise ValueError('it holds a single array, not named arrays')
-    with loaded as f:
+    with np.load(path, allow_pickle=False) as f:  # a zip archive: always an NpzFile
       missing = [k for k in _NPZ_KEYS if k not in f.files]
       if missing:
         raise ValueError(
