@@ -12,6 +12,12 @@ Encodings provided here:
   mask held by server and clients): only the kept values travel.
 * :func:`raw_mask_bits` -- a mask as a plain bitmap, one bit per position (SSFL's one-time mask
   download).
+* :func:`mask_message_bits` -- a mask whose per-layer counts the receiver knows (FedDST's masks
+  always hold each layer's target count), sent in the cheapest of three encodings
+  (`MASK_ENCODINGS`): a bitmap, a list of indices, or the mask's rank among all masks of its
+  count (enumerative coding, T. Cover, "Enumerative source encoding", IEEE Trans. IT 1973: the
+  shortest code for a uniformly random subset of known size, which an entropy-coded bitmap
+  approaches but never beats).
 
 Per-client counts are int32 arrays inside the jitted round (JAX runs without 64-bit types by
 default); the run loop sums them over clients and rounds in Python integers, so totals never
@@ -25,6 +31,8 @@ Example::
   512
 """
 
+from collections.abc import Sequence
+import math
 from typing import Any
 
 import jax
@@ -37,6 +45,9 @@ __all__ = [
     'dense_bits',
     'known_positions_bits',
     'raw_mask_bits',
+    'MASK_ENCODINGS',
+    'mask_encoding_bits',
+    'mask_message_bits',
     'per_client',
     'check_int32',
 ]
@@ -72,6 +83,73 @@ def known_positions_bits(mask: Any) -> jax.Array:
 def raw_mask_bits(num_positions: int) -> int:
   """Bits to send a mask over ``num_positions`` positions as a raw bitmap: one bit each."""
   return int(num_positions)
+
+
+# How a mask of known per-layer counts can travel; `mask_message_bits` picks the cheapest.
+MASK_ENCODINGS = ('bitmap', 'index_list', 'enumerative')
+# The message starts with the index of its encoding in MASK_ENCODINGS.
+ENCODING_TAG_BITS = (len(MASK_ENCODINGS) - 1).bit_length()
+
+
+def _ceil_log2(n: int) -> int:
+  """``ceil(log2 n)`` for a positive int, exactly (0 for n = 1)."""
+  return (n - 1).bit_length()
+
+
+def mask_encoding_bits(sizes: Sequence[int], counts: Sequence[int]) -> dict[str, int]:
+  """Exact bits of a mask under each of `MASK_ENCODINGS`, layer by layer, without the tag.
+
+  The receiver knows every layer's size ``n`` and count ``k`` (from the configuration), so no
+  length travels:
+
+  * ``bitmap``: ``n`` bits per layer;
+  * ``index_list``: ``k * ceil(log2 n)`` bits per layer (each kept position as a fixed-width
+    index);
+  * ``enumerative``: ``ceil(log2 C(n, k))`` bits per layer, the index of the mask in the
+    lexicographic list of all ``C(n, k)`` masks with ``k`` of ``n`` positions set (0 bits for an
+    empty or full layer). Computed with exact integers.
+
+  Args:
+    sizes: the layers' sizes ``n``.
+    counts: their kept counts ``k``, each in ``[0, n]``.
+
+  Returns:
+    ``{encoding: bits}`` as Python ints.
+
+  Raises:
+    ValueError: for mismatched lengths or a count outside ``[0, n]``.
+  """
+  sizes, counts = [int(n) for n in sizes], [int(k) for k in counts]
+  if len(sizes) != len(counts):
+    raise ValueError(f'One count per layer: {len(sizes)} sizes, {len(counts)} counts.')
+  for n, k in zip(sizes, counts):
+    if n < 0 or not 0 <= k <= n:
+      raise ValueError(f'A layer of {n} entries cannot keep {k}.')
+  return {
+      'bitmap': sum(sizes),
+      'index_list': sum(k * _ceil_log2(n) for n, k in zip(sizes, counts) if n),
+      'enumerative': sum(_ceil_log2(math.comb(n, k)) for n, k in zip(sizes, counts)),
+  }
+
+
+def mask_message_bits(sizes: Sequence[int], counts: Sequence[int]) -> tuple[int, str]:
+  """Bits of a mask message in the cheapest encoding, and that encoding's name.
+
+  The message is the encoding's tag (`ENCODING_TAG_BITS` bits) followed by every layer in that
+  encoding (see :func:`mask_encoding_bits`); ties go to the first of `MASK_ENCODINGS`. Since
+  ``C(n, k) <= min(2^n, n^k)``, the enumerative code is never longer than the other two; it wins
+  whenever a layer is neither empty nor full, and the others remain for comparison.
+
+  Example::
+
+    >>> mask_encoding_bits([1000], [2])  # a bitmap, two 10-bit indices, ceil(log2 499500)
+    {'bitmap': 1000, 'index_list': 20, 'enumerative': 19}
+    >>> mask_message_bits([100], [50])  # C(100, 50) ~ 2^96.3: 97 bits + the 2-bit tag
+    (99, 'enumerative')
+  """
+  bits = mask_encoding_bits(sizes, counts)
+  name = min(MASK_ENCODINGS, key=lambda e: (bits[e], MASK_ENCODINGS.index(e)))
+  return ENCODING_TAG_BITS + check_int32(bits[name]), name
 
 
 def per_client(bits: int | jax.Array, num_clients: int) -> jax.Array:

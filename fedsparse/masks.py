@@ -18,9 +18,10 @@ The density budget ``d`` always refers to the prunable entries only: a mask of d
 Building blocks:
 
 * :func:`keep_count` -- ``floor(d * n)``, robust to floating-point noise (0.29 * 100 keeps 29).
-* :func:`allocate_densities` -- per-layer densities for a global budget: ``'uniform'`` or RigL's
+* :func:`allocate_densities` -- per-layer densities for a global budget: ``'uniform'``, RigL's
   Erdős–Rényi-Kernel (``'erk'``; Evci et al., "Rigging the Lottery: Making All Tickets Winners",
-  ICML 2020), which gives layers with few parameters per fan a higher density.
+  ICML 2020), which gives layers with few parameters per fan a higher density, or the FedDST
+  code's ``'proportional'`` variant of it (sparsity proportional to ``1 - ERK score``).
 * :func:`topk_mask` -- exactly ``k`` entries of one array, ties broken by index (or SSFL's
   ``'keep'`` rule: everything at least the k-th largest score).
 * :func:`global_topk` / :func:`layerwise_topk` -- one top-k over all prunable entries, or one per
@@ -85,7 +86,7 @@ __all__ = [
     'masked_weighted_mean',
 ]
 
-ALLOCATIONS = ('uniform', 'erk')
+ALLOCATIONS = ('uniform', 'erk', 'proportional')
 TIES = ('index', 'keep')
 SCOPES = ('global', 'layerwise')
 
@@ -210,18 +211,22 @@ def _count_leaves(counts: Any, treedef: Any, flags: list[bool], name: str) -> li
   return [_as_count(c, name) if f else None for c, f in zip(leaves, flags)]
 
 
-def _flat_ranks(flat: jax.Array, eligible: jax.Array | None = None) -> jax.Array:
+def _flat_ranks(flat: jax.Array, eligible: jax.Array | None = None,
+                tiebreak: jax.Array | None = None) -> jax.Array:
   """Each entry's position (int32) in the descending order of a 1-D array, ties by index.
 
   NaN ranks below every number. With a boolean ``eligible`` the eligible entries come first, in
   descending order among themselves: they take ranks ``0 .. E - 1``, so ``rank < k`` with
   ``k <= E`` selects the ``k`` largest eligible entries and nothing else, whatever the scores of
-  the others (even NaN eligible scores stay ahead of every ineligible one).
+  the others (even NaN eligible scores stay ahead of every ineligible one). A ``tiebreak``
+  array orders equal scores (larger first) before the index does.
   """
   n = flat.shape[0]
   iota = jnp.arange(n, dtype=jnp.int32)
   # The index as the last key makes the order total, so no stability is needed for the ties.
   keys = (_descending_key(flat), iota)
+  if tiebreak is not None:
+    keys = (keys[0], _descending_key(tiebreak.reshape(-1)), iota)
   if eligible is not None:
     keys = (jnp.logical_not(eligible),) + keys  # False sorts first.
   order = jax.lax.sort(keys, num_keys=len(keys))[-1]
@@ -401,6 +406,24 @@ def _erk_densities(shapes: list[tuple[int, ...]], density: float,
   return [1.0 if i in dense else min(float(eps * raw[i]), 1.0) for i in range(len(shapes))]
 
 
+def _proportional_densities(shapes: list[tuple[int, ...]], density: float,
+                            power_scale: float) -> list[float]:
+  """The FedDST code's ERK variant (``PrunableNet._weights_by_layer``): ``s_l = c (1 - r_l)``.
+
+  Each layer's *sparsity* is proportional to ``1 - r_l`` (``r_l`` the ERK score of
+  :func:`_erk_densities`), scaled by one ``c`` so that ``sum_l s_l n_l = (1 - d) N``: unlike RigL's
+  ERK, small layers are not made dense and the allocation stays close to uniform. A layer whose
+  scaled sparsity would leave the range [0, 1] is clipped there (only at extreme budgets; the
+  total then misses the budget by the clipped amount). The FedDST code counts a layer's biases in
+  ``n_l``; here only the prunable entries are counted.
+  """
+  sizes = [math.prod(s) for s in shapes]
+  raw = [1.0 - (sum(s) / n) ** power_scale if n else 0.0 for s, n in zip(shapes, sizes)]
+  divisor = sum(r * n for r, n in zip(raw, sizes))
+  c = (1.0 - density) * sum(sizes) / divisor if divisor > 0 else 0.0
+  return [min(max(1.0 - c * r, 0.0), 1.0) for r in raw]
+
+
 def allocate_densities(params: Any, prunable: Any, density: float,
                        method: str = 'uniform', erk_power_scale: float = 1.0) -> Any:
   """Per-leaf densities that spend a global budget over the prunable leaves.
@@ -413,9 +436,10 @@ def allocate_densities(params: Any, prunable: Any, density: float,
     params: the parameter pytree (only shapes are read).
     prunable: the prunable flags (see :func:`prunable_leaves`).
     density: the overall density of the prunable entries, in (0, 1].
-    method: ``'uniform'`` (every prunable leaf gets ``density``) or ``'erk'`` (RigL's
+    method: ``'uniform'`` (every prunable leaf gets ``density``), ``'erk'`` (RigL's
       Erdős–Rényi-Kernel: ``d_l ∝ (sum(shape_l) / prod(shape_l)) ** erk_power_scale``, layers
-      that would exceed density 1 made dense).
+      that would exceed density 1 made dense) or ``'proportional'`` (the FedDST code's variant:
+      sparsity ``1 - d_l ∝ 1 - (sum(shape_l) / prod(shape_l)) ** erk_power_scale``).
     erk_power_scale: the exponent of the ERK score (RigL's ``erk_power_scale``; 0 is uniform).
 
   Returns:
@@ -434,8 +458,9 @@ def allocate_densities(params: Any, prunable: Any, density: float,
     for i in idx:
       out[i] = d
   else:
-    for i, d_l in zip(idx, _erk_densities([_shape(leaves[i]) for i in idx], d,
-                                          float(erk_power_scale))):
+    allocate = _erk_densities if method == 'erk' else _proportional_densities
+    for i, d_l in zip(idx, allocate([_shape(leaves[i]) for i in idx], d,
+                                    float(erk_power_scale))):
       out[i] = d_l
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -615,7 +640,8 @@ def layerwise_topk_traced(scores: Any, prunable: Any, counts: Any) -> Any:
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def prune_smallest(params: Any, mask: Any, n: Any, prunable: Any) -> Any:
+def prune_smallest(params: Any, mask: Any, n: Any, prunable: Any, *,
+                   tiebreak: Any = None) -> Any:
   """Drops the ``n_l`` smallest-magnitude active entries of every prunable leaf.
 
   The magnitude-pruning step of RigL, SET, FedDST and FLASH. Only active entries are candidates:
@@ -629,17 +655,22 @@ def prune_smallest(params: Any, mask: Any, n: Any, prunable: Any) -> Any:
       scalars shaped like ``params`` (only prunable leaves are read); traced values are fine. Each
       is clipped to ``[0, active_l]``, the leaf's number of active entries.
     prunable: the prunable flags (see :func:`prunable_leaves`).
+    tiebreak: optional pytree shaped like ``params``: among equal magnitudes the smaller
+      ``tiebreak`` is dropped first (e.g. FedDST's server breaks ties between regrown weights,
+      all 0, by the clients' votes).
 
   Returns:
     The new mask: every prunable leaf keeps exactly ``active_l - clip(n_l, 0, active_l)`` entries,
-    the largest-magnitude active ones; among equal magnitudes the higher flat index is dropped
-    first (the lower index survives, as in :func:`topk_mask`). Non-prunable leaves are unchanged.
+    the largest-magnitude active ones; among equal magnitudes (and tiebreaks) the higher flat
+    index is dropped first (the lower index survives, as in :func:`topk_mask`). Non-prunable
+    leaves are unchanged.
   """
   ws, flags, treedef = _prunable_flags(params, prunable)
   ms = _leaves_like(mask, treedef, 'mask')
   ns = _count_leaves(n, treedef, flags, 'n')
+  ts = [None] * len(ws) if tiebreak is None else _leaves_like(tiebreak, treedef, 'tiebreak')
   out = []
-  for w, m, f, n_l in zip(ws, ms, flags, ns):
+  for w, m, f, n_l, tb in zip(ws, ms, flags, ns, ts):
     if not f:
       out.append(m)
       continue
@@ -648,7 +679,8 @@ def prune_smallest(params: Any, mask: Any, n: Any, prunable: Any) -> Any:
     keep = n_active - jnp.clip(n_l, 0, n_active)
     # Active entries take ranks 0 .. n_active - 1 by descending |w|: keeping the first `keep`
     # drops the smallest and never revives an inactive entry.
-    rank = _flat_ranks(jnp.abs(w).reshape(-1), eligible=active)
+    rank = _flat_ranks(jnp.abs(w).reshape(-1), eligible=active,
+                       tiebreak=None if tb is None else jnp.asarray(tb))
     out.append((rank < keep).reshape(m.shape))
   return jax.tree_util.tree_unflatten(treedef, out)
 

@@ -201,7 +201,7 @@ def _build_algorithm(config: ml_collections.ConfigDict, hparams: Any, apply_fn: 
       learning_rate=config.learning_rate, lr_decay=config.lr_decay,
       server_optimizer=optax.sgd(config.server_learning_rate,
                                  momentum=config.server_momentum if momentum else None),
-      mapping=mapping)
+      mapping=mapping, num_rounds=config.num_rounds)
   return spec.build(hparams, common)
 
 

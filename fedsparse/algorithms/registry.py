@@ -39,6 +39,8 @@ class Common:
     lr_decay: per-round multiplicative decay of the client learning rate.
     server_optimizer: the optax optimizer applied to −Δ̄ by algorithms that average deltas.
     mapping: how clients are mapped over the cohort axis.
+    num_rounds: the run's length, for schedules that end relative to it (FedDST's readjustment
+      ends at ``num_rounds // 2`` by default); not passed on by :meth:`kwargs`.
   """
   apply_fn: Callable[..., Any]
   cohort: CohortConfig
@@ -47,11 +49,13 @@ class Common:
   lr_decay: float = 1.0
   server_optimizer: optax.GradientTransformation | None = None
   mapping: ClientMapping = ClientMapping()
+  num_rounds: int | None = None
 
   def kwargs(self) -> dict[str, Any]:
-    """The fields as keyword arguments of the algorithm factories (``apply_fn`` excluded)."""
+    """The shared keyword arguments of the algorithm factories (all fields but ``apply_fn`` and
+    ``num_rounds``)."""
     out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    del out['apply_fn']
+    del out['apply_fn'], out['num_rounds']
     return out
 
 

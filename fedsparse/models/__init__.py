@@ -18,6 +18,7 @@ import flax.linen as nn
 
 from fedsparse.models import layers
 from fedsparse.models.cnn import CIFAR10Net
+from fedsparse.models.cnn import CIFAR100Net
 from fedsparse.models.cnn import FedDSTNet
 from fedsparse.models.cnn import Conv10
 from fedsparse.models.cnn import Conv4
@@ -35,6 +36,7 @@ from fedsparse.models.resnet import ResNet18
 
 __all__ = [
     'CIFAR10Net',
+    'CIFAR100Net',
     'FedDSTNet',
     'Conv',
     'Conv10',
@@ -54,11 +56,12 @@ __all__ = [
     'resolve_impl',
 ]
 
-MODELS = ('mlp', 'mnistnet', 'cifar10net', 'conv4', 'conv6', 'conv10', 'resnet18')
+MODELS = ('mlp', 'mnistnet', 'cifar10net', 'cifar100net', 'conv4', 'conv6', 'conv10', 'resnet18')
 
 _REGISTRY = {
     'mnistnet': MNISTNet,
     'cifar10net': CIFAR10Net,
+    'cifar100net': CIFAR100Net,
     'conv4': Conv4,
     'conv6': Conv6,
     'conv10': Conv10,

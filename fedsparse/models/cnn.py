@@ -1,7 +1,7 @@
 """The small convolutional networks of the sparse-FL papers.
 
-* `MNISTNet`, `CIFAR10Net`: the FedDST models (Bibikar et al., AAAI 2022, arXiv 2112.09824),
-  also FLASH's MNIST model (arXiv 2208.13092). The official PyTorch code applies a softmax before
+* `MNISTNet`, `CIFAR10Net`, `CIFAR100Net`: the FedDST models (Bibikar et al., AAAI 2022,
+  arXiv 2112.09824), also FLASH's MNIST model (arXiv 2208.13092). The official PyTorch code applies a softmax before
   the cross-entropy; these return logits.
 * `Conv4`, `Conv6`, `Conv10`: the VGG-like stacks of FedPM (Isik et al., ICLR 2023,
   arXiv 2209.15328), after Ramanujan et al. / Zhou et al.: pairs of 3x3 SAME convolutions with
@@ -18,7 +18,7 @@ import jax
 
 from fedsparse.models import layers
 
-__all__ = ['FedDSTNet', 'MNISTNet', 'CIFAR10Net', 'ConvStack', 'Conv4', 'Conv6', 'Conv10']
+__all__ = ['FedDSTNet', 'MNISTNet', 'CIFAR10Net', 'CIFAR100Net', 'ConvStack', 'Conv4', 'Conv6', 'Conv10']
 
 
 def _flatten(x: jax.Array) -> jax.Array:
@@ -77,6 +77,17 @@ class CIFAR10Net(FedDSTNet):
 
   conv_features: Sequence[int] = (6, 16)
   dense_features: Sequence[int] = (120, 84)
+
+
+class CIFAR100Net(FedDSTNet):
+  """FedDST's CIFAR-100 CNN: 783,092 parameters at 32x32x3 with 100 classes.
+
+  ``conv 3->6, conv 6->16 (each k5 VALID, maxpool 3 stride 1, relu), flatten (6400), fc 120,
+  relu, fc classes`` (CIFAR10Net without its fc 84).
+  """
+
+  conv_features: Sequence[int] = (6, 16)
+  dense_features: Sequence[int] = (120,)
 
 
 class ConvStack(nn.Module):

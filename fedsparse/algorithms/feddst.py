@@ -1,0 +1,513 @@
+"""FedDST: federated dynamic sparse training -- clients prune and regrow, the server merges masks.
+
+Reference: S. Bibikar, H. Vikalo, Z. Wang, X. Chen. "Federated Dynamic Sparse Training: Computing
+Less, Communicating Less, Yet Learning Better." AAAI 2022. arXiv:2112.09824. Official PyTorch
+code: github.com/bibikar/feddst.
+
+The model stays sparse throughout: at sparsity ``S`` every prunable layer (conv and dense
+kernels; biases stay dense) keeps a fixed number ``k_l`` of weights, allocated over the layers
+by RigL's Erdős–Rényi-Kernel rule. Both directions carry only the kept weights.
+
+* **Init.** Magnitude-prune ``w0`` layer by layer to the ``k_l`` largest ``|w|``
+  (``initial_mask='random'``: a uniformly random mask with the same counts -- the RandomMask
+  baseline, registered as ``random_mask``).
+* **Round t.** Sample ``K`` clients; each starts from the global sparse weights and runs ``E``
+  local epochs of SGD, re-masking after every step (``mask_enforcement='step'``, the official
+  code; ``'forward'`` trains ``w ⊙ m`` instead). On a readjustment round -- ``t = 1, 1 + ΔR,
+  1 + 2ΔR, …`` while ``t < R_end`` (``R_end = R / 2`` by default; ``t`` counts from 0 as the
+  official code's ``server_round``, so ``metrics.jsonl``'s 1-based rounds 2, 12, 22, …) -- the
+  client readjusts its mask at the end of its last local epoch: in every layer it prunes the
+  ``n_l = k_l - floor((1 - α_t) k_l)`` smallest-``|w|`` active weights, then regrows ``n_l``
+  inactive entries with the largest ``|∂L/∂w|`` of its last minibatch (the dense gradient, also
+  at pruned positions), so each layer again holds exactly ``k_l``. Regrown weights start at 0
+  and their optimizer moments are reset. ``α_t = (α / 2)(1 + cos(π t / R_end))``.
+* **Server.** Per entry, ``w̄ = Σ_k n_k m_k w_k / Σ_k n_k m_k`` over the clients that hold the
+  entry (0 where none does); the new mask keeps the entries whose sample-weighted vote
+  ``Σ_k n_k m_k / Σ_k n_k`` exceeds ``vote_threshold`` (0: the union of the client masks; 0.5:
+  a majority), magnitude-pruned back to ``k_l`` per layer where that is more (equal magnitudes
+  by their votes: weights regrown at the end of local training arrive as 0, and the ones more
+  clients regrew win) -- and, where a strict threshold leaves fewer, topped up with the largest
+  ``|w̄|`` -- so after every round the global mask holds exactly ``k_l`` in every layer.
+
+Communication (exact, per participant and round; `fedsparse.comm`): the kept weights go down and
+up as float32 (``32 Σ_l k_l`` bits) with every dense bias; positions are free while both sides
+hold the same mask. A mask travels with its per-layer counts known to the receiver, in the
+cheapest of `fedsparse.comm.MASK_ENCODINGS` (a 2-bit tag, then the layers: in practice the
+enumerative code, ``Σ_l ceil(log2 C(n_l, k_l))`` bits): every client uploads its readjusted mask
+on a readjustment round, and downloads the global mask whenever it changed since the client last
+received it -- the server keeps, per client of the population, which version of the mask it
+holds (every client starts with the initial mask, rebuilt from the shared seed for free, as
+``w0``). The metrics ``mask_bits`` (one mask message) and ``mask_encoding`` (its index in
+`fedsparse.comm.MASK_ENCODINGS`) state the encoding.
+
+Choices and deviations (``ALGORITHMS.md``); the official code's behaviour is an option where it
+changes results:
+
+* ``constant_alpha=True`` prunes with ``α`` on every readjustment round, as the official code
+  does (it computes the annealed ``α_t`` but never passes it to the clients).
+* ``allocation='proportional'`` is the official code's ERK variant (layer sparsity proportional
+  to ``1 - ERK score``); the default ``'erk'`` is RigL's, which the paper cites.
+* The official code regrows the top ``|∂L/∂w|`` over *all* entries of a layer, so it re-zeroes
+  active weights and regrows fewer than it pruned; here only inactive entries regrow (the
+  entries pruned a moment before included) and the counts are exact.
+* The server's magnitude re-prune breaks ties by votes; in the official code, ``torch.topk``
+  picks among the equal (zero) regrown weights in no defined order.
+* The official code recomputes the last minibatch's gradient after the epoch's last SGD step;
+  here the gradient is that step's own (one SGD step earlier), which the loop already has.
+* Sampling is without replacement unless the config's ``sample_with_replacement`` (the official
+  code samples with replacement); the official models' double softmax is not reproduced.
+* The new global mask's download is counted (the official code counts a changed mask only for
+  clients that kept a stale one) and so is every readjusted mask's upload.
+
+Config: ``algorithm='feddst'`` with the section ``config.feddst`` holding :class:`FedDSTConfig`'s
+fields, e.g. ``--config.feddst.sparsity=0.8``; ``algorithm='random_mask'`` for the RandomMask
+baseline (section ``config.random_mask``). FedDST averages weights, not deltas: the server
+optimizer must stay plain averaging.
+
+Example:
+
+  >>> import jax
+  >>> from fedsparse import data as data_lib, engine, masks, models
+  >>> fd, _ = data_lib.make_federated_data(data_lib.load_dataset('digits'), 8, 'iid', seed=0)
+  >>> model = models.get_model('mlp', 10)
+  >>> params = model.init(jax.random.key(0), jax.numpy.zeros((1, 8, 8, 1)))['params']
+  >>> alg = feddst(model.apply, cohort=engine.CohortConfig(4),
+  ...              local=engine.LocalConfig(batch_size=32), learning_rate=0.05,
+  ...              sparsity=0.8, alpha=0.2, readjust_every=1, readjust_end=4)
+  >>> state = alg.init(jax.random.key(1), params, fd)
+  >>> round_fn = engine.jit(alg.round)
+  >>> for t in range(3):
+  ...   state, metrics = round_fn(state, fd, jax.random.key(t))
+  ...   print(t, bool(metrics['readjusted']), float(metrics['density']) < 0.21)
+  0 False True
+  1 True True
+  2 True True
+"""
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedsparse import comm
+from fedsparse import masks
+from fedsparse.algorithms import registry
+from fedsparse.algorithms.fedavg import client_learning_rate
+from fedsparse.data import FederatedData
+from fedsparse.engine import (ENFORCEMENTS, Algorithm, ClientMapping, ClientProgram, CohortConfig,
+                              LocalConfig, aggregation_weights, client_optimizer, draw_cohort,
+                              identity_transform, masked_transform, run_clients, steps_per_epoch,
+                              supervised_loss)
+
+__all__ = ['INITIAL_MASKS', 'FedDSTBroadcast', 'FedDSTCarry', 'FedDSTConfig', 'FedDSTState',
+           'RandomMaskConfig', 'alpha_schedule', 'client_readjust', 'feddst', 'prune_counts',
+           'readjust_rounds', 'server_merge']
+
+INITIAL_MASKS = ('magnitude', 'random')
+
+
+def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
+  if value not in valid:
+    raise ValueError(f'Unknown {name} {value!r}; valid: {", ".join(valid)}.')
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f'{name} must be an integer >= {low}, got {value!r}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class FedDSTConfig:
+  """FedDST's own hyperparameters (the config section ``feddst``); defaults: the paper's CIFAR-10.
+
+  Attributes:
+    sparsity: ``S``, the fraction of prunable weights pruned, in [0, 1).
+    allocation: per-layer densities (`fedsparse.masks.ALLOCATIONS`): ``'erk'`` (RigL's ERK),
+      ``'proportional'`` (the official code's variant) or ``'uniform'``.
+    initial_mask: one of `INITIAL_MASKS`: ``'magnitude'`` (largest ``|w0|`` per layer) or
+      ``'random'``.
+    alpha: ``α``, the readjustment ratio, in [0, 1): the fraction of each layer's weights a
+      client prunes and regrows at the first readjustment.
+    readjust_every: ``ΔR``, rounds between readjustments; 0 never readjusts (a static mask).
+    readjust_end: ``R_end``, the round from which no readjustment happens; 0 means half the run
+      (``num_rounds // 2``, the official default).
+    readjust_epoch: the local epoch at whose end clients readjust; -1 is the last one (the
+      paper's and the official code's choice).
+    constant_alpha: prune with ``α`` on every readjustment round, as the official code does,
+      instead of the annealed ``α_t``.
+    vote_threshold: the sample-weighted fraction of the cohort that must hold an entry for it to
+      enter the global mask, in [0, 1): 0 is the union of the client masks (the official
+      default), 0.5 a majority.
+    mask_enforcement: one of `fedsparse.engine.ENFORCEMENTS`: ``'step'`` trains ``w`` and
+      re-masks after every step (the official code), ``'forward'`` trains ``w ⊙ m``.
+  """
+  sparsity: float = 0.8
+  allocation: str = 'erk'
+  initial_mask: str = 'magnitude'
+  alpha: float = 0.01
+  readjust_every: int = 15
+  readjust_end: int = 0
+  readjust_epoch: int = -1
+  constant_alpha: bool = False
+  vote_threshold: float = 0.0
+  mask_enforcement: str = 'step'
+
+  def __post_init__(self):
+    for name in ('sparsity', 'alpha', 'vote_threshold'):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f'{name} must be in [0, 1), got {value!r}.')
+    _check('allocation', self.allocation, masks.ALLOCATIONS)
+    _check('initial_mask', self.initial_mask, INITIAL_MASKS)
+    _check('mask_enforcement', self.mask_enforcement, ENFORCEMENTS)
+    _check_int('readjust_every', self.readjust_every, 0)
+    _check_int('readjust_end', self.readjust_end, 0)
+    _check_int('readjust_epoch', self.readjust_epoch, -1)
+    if not isinstance(self.constant_alpha, bool):
+      raise ValueError(f'constant_alpha must be a bool, got {self.constant_alpha!r}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomMaskConfig:
+  """The RandomMask baseline (config section ``random_mask``): a static random sparse mask.
+
+  Attributes: as the fields of :class:`FedDSTConfig` with the same names.
+  """
+  sparsity: float = 0.8
+  allocation: str = 'erk'
+  mask_enforcement: str = 'step'
+
+  def __post_init__(self):
+    FedDSTConfig(sparsity=self.sparsity, allocation=self.allocation,
+                 mask_enforcement=self.mask_enforcement)
+
+
+class FedDSTState(NamedTuple):
+  """Server state."""
+  params: Any  # global weights, exactly 0 outside ``mask``
+  mask: Any  # bool pytree: exactly k_l True entries per prunable leaf, all True elsewhere
+  round: jax.Array  # int32 scalar, 0-based
+  mask_version: jax.Array  # int32 scalar: how many times the global mask has changed
+  client_mask_version: jax.Array  # [N] int32: the version each client of the population holds
+
+
+class FedDSTBroadcast(NamedTuple):
+  """What the server sends the cohort (the mask itself only when a client's copy is stale)."""
+  params: Any
+  learning_rate: jax.Array  # float32 scalar
+  mask: Any
+  readjust: jax.Array  # bool scalar: clients readjust their masks this round
+  prune_counts: Any  # int32 scalar per leaf: n_l this round (0 at non-prunable leaves)
+
+
+class FedDSTCarry(NamedTuple):
+  """A client's loop state."""
+  params: Any
+  opt_state: optax.OptState
+  mask: Any
+  grad: Any  # ∂L/∂w of the last minibatch (dense), for regrowth
+
+
+def alpha_schedule(t: int, alpha: float, end: int, constant: bool = False) -> float:
+  """``α_t = (α / 2)(1 + cos(π t / R_end))`` for ``t < R_end`` (``α`` if ``constant``), else 0."""
+  if t >= end:
+    return 0.0
+  return float(alpha) if constant else alpha / 2 * (1 + math.cos(math.pi * t / end))
+
+
+def readjust_rounds(num_rounds: int, every: int, end: int) -> list[int]:
+  """The 0-based rounds on which clients readjust: ``1, 1 + ΔR, …`` below ``R_end``."""
+  if every <= 0:
+    return []
+  return [t for t in range(1, min(num_rounds, end)) if (t - 1) % every == 0]
+
+
+def prune_counts(counts: list[int], alpha_t: float) -> list[int]:
+  """Per layer, how many of its ``k_l`` weights a client prunes (and regrows) at ``α_t``.
+
+  A layer keeps ``floor((1 - α_t) k_l)`` (`fedsparse.masks.keep_count`), i.e. it is pruned from
+  sparsity ``s_l`` down to ``s_l + (1 - s_l) α_t``; the count is exact integer arithmetic on the
+  host, so no float32 round-off inside the round can move it.
+  """
+  if alpha_t <= 0:
+    return [0] * len(counts)
+  return [k - masks.keep_count(1.0 - alpha_t, k) for k in counts]
+
+
+def client_readjust(params: Any, mask: Any, grad: Any, n: Any, prunable: Any
+                    ) -> tuple[Any, Any, Any]:
+  """A client's mask readjustment: prune ``n_l`` by magnitude, regrow ``n_l`` by gradient.
+
+  Args:
+    params: the client's weights (0 outside ``mask``).
+    mask: its bool mask.
+    grad: ``∂L/∂w`` of its last minibatch, dense (also at inactive entries).
+    n: per-leaf counts (a pytree of int32 scalars or one int), traced values allowed.
+    prunable: the prunable flags.
+
+  Returns:
+    ``(params, mask, grown)``: in every prunable leaf the ``n_l`` smallest-``|w|`` active
+    entries are dropped and the ``n_l`` largest-``|grad|`` entries inactive after the drop
+    (those just dropped included) are activated at weight 0, so the count is unchanged; ties by
+    flat index. ``grown`` marks the activated entries (their optimizer moments must be reset).
+  """
+  kept = masks.prune_smallest(params, mask, n, prunable)
+  new_mask, grown = masks.regrow(kept, n, prunable, scores=jax.tree.map(jnp.abs, grad))
+  return masks.apply(masks.zero_regrown(params, grown), new_mask), new_mask, grown
+
+
+def server_merge(client_params: Any, client_masks: Any, weights: jax.Array, targets: Any,
+                 prunable: Any, vote_threshold: float = 0.0) -> tuple[Any, Any]:
+  """The server's aggregation: per-entry average over holders, voted mask of exact size.
+
+  Args:
+    client_params: the uploaded weights, leaves with a leading ``[K]`` client axis.
+    client_masks: the uploaded bool masks, same shapes.
+    weights: ``[K]`` aggregation weights (``n_k``, normalised or not).
+    targets: per-leaf kept counts ``k_l`` (Python ints; non-prunable leaves are ignored).
+    prunable: the prunable flags.
+    vote_threshold: an entry is voted in when ``Σ_k a_k m_k / Σ_k a_k`` exceeds it.
+
+  Returns:
+    ``(params, mask)``: ``w̄ = Σ a_k m_k w_k / Σ a_k m_k`` (0 where no client holds an entry),
+    zeroed outside the new mask; the mask holds exactly ``k_l`` entries per prunable leaf: the
+    voted entries, magnitude-pruned to ``k_l`` (equal ``|w̄|`` by votes, then index) or topped up
+    with the largest ``|w̄|`` of the others. Non-prunable leaves are plain weighted means.
+  """
+  averaged = masks.masked_weighted_mean(client_params, client_masks, weights)
+  total = jnp.maximum(jnp.sum(weights), jnp.finfo(jnp.float32).tiny)
+  votes = jax.tree.map(
+      lambda m: jnp.tensordot(weights.astype(jnp.float32), m.astype(jnp.float32), axes=(0, 0))
+      / total, client_masks)
+  voted = jax.tree.map(lambda v, f: v > vote_threshold if f else jnp.ones(v.shape, bool),
+                       votes, prunable)
+  have = masks.layer_count_tree(voted, prunable)
+  excess = jax.tree.map(lambda c, k: c - k, have, targets)
+  # Equal magnitudes -- above all the weights regrown at the end of local training, which
+  # arrive as 0 -- go by their votes: an entry more clients regrew survives first.
+  mask = masks.prune_smallest(averaged, voted, excess, prunable, tiebreak=votes)
+  short = jax.tree.map(lambda c, k: k - c, masks.layer_count_tree(mask, prunable), targets)
+  mask, _ = masks.regrow(mask, short, prunable, scores=jax.tree.map(jnp.abs, averaged))
+  return masks.apply(averaged, mask), mask
+
+
+def _feddst_program(apply_fn: Callable[..., jax.Array], local: LocalConfig, hp: FedDSTConfig,
+                    prunable: Callable[..., bool] | None) -> ClientProgram:
+  """The client: masked local SGD, readjusting its mask at the end of one local epoch."""
+
+  def make_optimizer(ctx):
+    return client_optimizer(local, ctx.shared.learning_rate,
+                            steps_per_epoch(ctx.client.size, local.batch_size))
+
+  def init(ctx, key):
+    del key
+    params = ctx.shared.params
+    return FedDSTCarry(params, make_optimizer(ctx).init(params), ctx.shared.mask,
+                       jax.tree.map(jnp.zeros_like, params))
+
+  def update(carry, grads, ctx, info, key):
+    del info, key
+    updates, opt_state = make_optimizer(ctx).update(grads.params, carry.opt_state, carry.params)
+    params = optax.apply_updates(carry.params, updates)
+    if hp.mask_enforcement == 'step':
+      params = masks.apply(params, carry.mask)
+    # The dense gradient (also at pruned entries, which the regrowth ranks); only the last
+    # minibatch's survives to the epoch's end.
+    return FedDSTCarry(params, opt_state, carry.mask, grads.effective)
+
+  def readjust(carry, ctx):
+    prunable_ = masks.prunable_leaves(carry.params, prunable)
+    params, mask, grown = client_readjust(carry.params, carry.mask, carry.grad,
+                                          ctx.shared.prune_counts, prunable_)
+    opt_state = masks.reset_moments(make_optimizer(ctx), carry.opt_state, grown)
+    return FedDSTCarry(params, opt_state, mask, carry.grad)
+
+  def epoch_end(carry, ctx, info, key):
+    del key
+    at = info.last if hp.readjust_epoch < 0 else info.epoch == hp.readjust_epoch
+    # A cond, not a select: the ranking sorts every layer, which most epochs skip.
+    return jax.lax.cond(ctx.shared.readjust & at, readjust, lambda c, _: c, carry, ctx)
+
+  def final(carry, ctx, key):
+    del ctx, key
+    return masks.apply(carry.params, carry.mask), carry.mask
+
+  transform = (masked_transform(lambda carry, ctx: carry.mask)
+               if hp.mask_enforcement == 'forward' else identity_transform)
+  return ClientProgram(init=init, trainable=lambda carry: carry.params, transform=transform,
+                       loss=supervised_loss(apply_fn), update=update, final=final,
+                       epoch_end=epoch_end)
+
+
+def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: LocalConfig,
+           learning_rate: float, lr_decay: float = 1.0,
+           server_optimizer: optax.GradientTransformation | None = None,
+           mapping: ClientMapping = ClientMapping(), num_rounds: int | None = None,
+           prunable: Callable[..., bool] | None = None, **hparams: Any) -> Algorithm:
+  """FedDST (Bibikar et al., AAAI 2022): dynamic sparse training with server-side mask merging.
+
+  Args:
+    apply_fn: the flax ``Module.apply`` of the model.
+    cohort: cohort size, sampling and aggregation weighting (``weighted=True``: ``n_k``, as
+      the paper).
+    local: local training settings (SGD with momentum and weight decay in the paper; the
+      optimizer state restarts every round).
+    learning_rate: client learning rate at round 0.
+    lr_decay: per-round decay of the client learning rate.
+    server_optimizer: must be None: FedDST averages weights entry by entry (no server step).
+    mapping: how clients are mapped.
+    num_rounds: the run's length; ``R_end`` defaults to half of it.
+    prunable: optional predicate ``(path, leaf) -> bool`` overriding which leaves are pruned.
+    **hparams: the fields of :class:`FedDSTConfig`.
+
+  Returns:
+    An :class:`~fedsparse.engine.Algorithm` with :class:`FedDSTState`.
+  """
+  hp = FedDSTConfig(**hparams)
+  if server_optimizer is not None:
+    raise ValueError('FedDST averages the clients\' weights entry by entry and has no server '
+                     'optimizer; pass server_optimizer=None.')
+  if not learning_rate > 0 or learning_rate == float('inf'):
+    raise ValueError(f'learning_rate must be positive and finite, got {learning_rate}.')
+  if not 0 < lr_decay <= 1:
+    raise ValueError(f'lr_decay must be in (0, 1], got {lr_decay}.')
+  end = hp.readjust_end
+  if hp.readjust_every > 0 and end == 0:
+    if num_rounds is None:
+      raise ValueError('readjust_end=0 means half the run: pass num_rounds, or set readjust_end.')
+    end = num_rounds // 2
+  epochs = local.num_epochs
+  if hp.readjust_epoch >= epochs:
+    raise ValueError(f'readjust_epoch must be -1 (the last) or below the {epochs} local '
+                     f'epoch(s) of a round, got {hp.readjust_epoch}.')
+  program = _feddst_program(apply_fn, local, hp, prunable)
+  k = cohort.clients_per_round
+
+  def layout(params):
+    """Static per-layer facts from shapes: prunable flags, sizes and kept counts."""
+    prunable_ = masks.prunable_leaves(params, prunable)
+    densities = masks.allocate_densities(params, prunable_, 1.0 - hp.sparsity, hp.allocation)
+    targets = masks.layer_counts(params, prunable_, densities)
+    return prunable_, densities, targets
+
+  def schedule(targets, prunable_):
+    """Per readjustment round below R_end: n_l per prunable layer (a static int32 table)."""
+    flags = jax.tree.leaves(prunable_)
+    ks = [kk for kk, f in zip(jax.tree.leaves(targets), flags) if f]
+    rows = [prune_counts(ks, alpha_schedule(t, hp.alpha, end, hp.constant_alpha))
+            if t in set(readjust_rounds(end, hp.readjust_every, end)) else [0] * len(ks)
+            for t in range(max(end, 1))]
+    return np.asarray(rows, np.int32).reshape(max(end, 1), len(ks))
+
+  def init(key: jax.Array, params: Any, data: FederatedData | None = None) -> FedDSTState:
+    if data is None:
+      raise ValueError('FedDST.init needs the federated data: the server tracks which mask '
+                       'version every client of the population holds.')
+    prunable_, densities, targets = layout(params)
+    kept = sum(kk for kk, f in zip(jax.tree.leaves(targets), jax.tree.leaves(prunable_)) if f)
+    if kept < 1:
+      raise ValueError(f'sparsity {hp.sparsity} keeps no prunable weight; lower it.')
+    if hp.initial_mask == 'magnitude':
+      mask = masks.layerwise_topk(jax.tree.map(jnp.abs, params), prunable_, densities)
+    else:
+      mask = masks.random_mask(key, params, prunable_, 1.0 - hp.sparsity, 'layerwise',
+                               hp.allocation)
+    return FedDSTState(params=masks.apply(params, mask), mask=mask,
+                       round=jnp.zeros((), jnp.int32), mask_version=jnp.zeros((), jnp.int32),
+                       client_mask_version=jnp.zeros((data.num_clients,), jnp.int32))
+
+  def round_fn(state: FedDSTState, data: FederatedData, key: jax.Array
+               ) -> tuple[FedDSTState, dict[str, jax.Array]]:
+    prunable_, _, targets = layout(state.params)
+    flags = jax.tree.leaves(prunable_)
+    table = schedule(targets, prunable_)
+    row = jnp.asarray(table)[jnp.clip(state.round, 0, table.shape[0] - 1)]
+    row = jnp.where(state.round < end, row, 0)
+    readjust = jnp.any(row > 0)
+    counts, i = [], 0
+    for f in flags:
+      counts.append(row[i] if f else jnp.zeros((), jnp.int32))
+      i += bool(f)
+    counts = jax.tree.unflatten(jax.tree.structure(state.params), counts)
+
+    drawn = draw_cohort(key, data.num_clients, cohort)
+    lr = client_learning_rate(learning_rate, lr_decay, state.round)
+    shared = FedDSTBroadcast(state.params, lr, state.mask, readjust, counts)
+    result = run_clients(program, shared, drawn.clients, drawn.keys, data, local, mapping)
+    client_params, client_masks = result.outputs
+
+    weights = aggregation_weights(data.client_size[drawn.clients], cohort.weighted)
+    params, mask = server_merge(client_params, client_masks, weights, targets, prunable_,
+                                hp.vote_threshold)
+
+    entered = sum(jnp.sum(m & ~old, dtype=jnp.int32)
+                  for m, old in zip(jax.tree.leaves(mask), jax.tree.leaves(state.mask)))
+    changed = entered > 0
+    stale = state.client_mask_version[drawn.clients] != state.mask_version
+    client_version = state.client_mask_version.at[drawn.clients].set(state.mask_version)
+
+    # Bits: static formulas of the per-layer counts, selected by traced flags.
+    sizes = [int(np.prod(np.shape(w))) for w, f in zip(jax.tree.leaves(state.params), flags) if f]
+    ks = [kk for kk, f in zip(jax.tree.leaves(targets), flags) if f]
+    dense = sum(int(np.prod(np.shape(w)))
+                for w, f in zip(jax.tree.leaves(state.params), flags) if not f)
+    values = comm.check_int32(comm.FLOAT_BITS * (sum(ks) + dense))
+    mask_bits, encoding = comm.mask_message_bits(sizes, ks)
+    bits_up = values + jnp.where(readjust, mask_bits, 0)
+    bits_down = values + jnp.where(stale, mask_bits, 0)
+    kept_total = sum(ks)
+    t = state.round.astype(jnp.float32)
+    alpha_t = (jnp.float32(hp.alpha) if hp.constant_alpha
+               else hp.alpha / 2 * (1 + jnp.cos(jnp.pi * t / max(end, 1))))
+    metrics = {
+        'train_loss': jnp.sum(weights * result.loss), 'client_loss': result.loss,
+        'clients': drawn.clients, 'padding_ratio': result.padding_ratio,
+        'bits_up': comm.per_client(bits_up, k), 'bits_down': comm.per_client(bits_down, k),
+        'density': masks.density(mask, prunable_),
+        'readjusted': readjust.astype(jnp.float32),
+        'alpha': jnp.where(readjust, alpha_t, 0.0),
+        'mask_turnover': entered.astype(jnp.float32) / max(kept_total, 1),
+        'mask_bits': jnp.int32(mask_bits),
+        'mask_encoding': jnp.int32(comm.MASK_ENCODINGS.index(encoding)),
+    }
+    new_state = FedDSTState(params=params, mask=mask, round=state.round + 1,
+                            mask_version=state.mask_version + changed.astype(jnp.int32),
+                            client_mask_version=client_version)
+    return new_state, metrics
+
+  return Algorithm(init=init, round=round_fn, eval_params=lambda state, key: state.params)
+
+
+def _check_run(hp: Any, config: Any) -> None:
+  if config.server_optimizer == 'momentum' or config.server_learning_rate != 1.0:
+    raise ValueError('FedDST averages weights entry by entry and has no server optimizer: use '
+                     'server_optimizer=auto or sgd with server_learning_rate=1.0, got '
+                     f'{config.server_optimizer!r} with {config.server_learning_rate}.')
+  epochs = 1 if config.local_steps > 0 else config.local_epochs
+  if getattr(hp, 'readjust_epoch', -1) >= epochs:
+    raise ValueError(f'feddst.readjust_epoch must be -1 (the last) or below the {epochs} local '
+                     f'epoch(s) of a round, got {hp.readjust_epoch}.')
+  if getattr(hp, 'readjust_end', 0) > config.num_rounds:
+    raise ValueError(f'feddst.readjust_end ({hp.readjust_end}) is beyond num_rounds '
+                     f'({config.num_rounds}); 0 means num_rounds // 2.')
+
+
+def _build(hp: Any, common: registry.Common, **overrides: Any) -> Algorithm:
+  kwargs = common.kwargs()
+  kwargs['server_optimizer'] = None  # plain averaging: _check_run refused anything else
+  return feddst(common.apply_fn, num_rounds=common.num_rounds, **kwargs,
+                **{**dataclasses.asdict(hp), **overrides})
+
+
+registry.register(registry.Spec(
+    name='feddst', hparams=FedDSTConfig, check=_check_run,
+    summary='FedDST (Bibikar et al., 2022): federated dynamic sparse training',
+    build=_build))
+registry.register(registry.Spec(
+    name='random_mask', hparams=RandomMaskConfig, check=_check_run,
+    summary='RandomMask: FedDST\'s baseline, a static random sparse mask',
+    build=lambda hp, common: _build(hp, common, initial_mask='random', readjust_every=0)))
