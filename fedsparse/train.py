@@ -176,7 +176,8 @@ def algorithm_hparams(config: ml_collections.ConfigDict) -> Any:
     raise ValueError(f'Unknown key(s) {", ".join(unknown)} in config section {spec.name!r}; '
                      f'valid: {", ".join(fields) or "none (this algorithm has no own keys)"}.')
   try:
-    return spec.hparams(**values)
+    hparams = spec.hparams(**values)
+    return hparams if spec.resolve is None else spec.resolve(hparams, config)
   except ValueError as e:
     raise ValueError(f'config.{spec.name}: {e}') from None
 

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from fedsparse import algorithms
 from fedsparse import comm
 from fedsparse import train
 
@@ -214,11 +215,16 @@ def test_resumed_ssfl_run_neither_scores_again_nor_loses_its_mask(tmp_path):
   assert all(abs(r['density'] - config.ssfl.density) < 1e-3 for r in resumed)
 
 
-@pytest.mark.parametrize('algorithm', ['fedavg', 'fedavgm', 'ssfl'])
+LEARNING_HPARAMS = {'ssfl': {'density': 0.3}, 'feddst': {'sparsity': 0.7, 'alpha': 0.2,
+                                                           'readjust_every': 3},
+                    'random_mask': {'sparsity': 0.7}}
+
+
+@pytest.mark.parametrize('algorithm', algorithms.registry.names())
 def test_every_algorithm_learns_on_toy_data(algorithm, tmp_path):
   from experiments.configs import base  # pylint: disable=g-import-not-at-top
   config = load_config('digits_fedavg', None)
-  base.set_algorithm(config, algorithm, **({'density': 0.3} if algorithm == 'ssfl' else {}))
+  base.set_algorithm(config, algorithm, **LEARNING_HPARAMS.get(algorithm, {}))
   config.model, config.num_rounds, config.eval_every = 'mlp', 12, 12
   config.local_epochs, config.batch_size = 1, 16
   config.learning_rate = 0.02 if algorithm == 'fedavgm' else 0.1

@@ -134,7 +134,8 @@ class FedDSTConfig:
       client prunes and regrows at the first readjustment.
     readjust_every: ``ΔR``, rounds between readjustments; 0 never readjusts (a static mask).
     readjust_end: ``R_end``, the round from which no readjustment happens; 0 means half the run
-      (``num_rounds // 2``, the official default).
+      (``num_rounds // 2``, the official default; a run config records the resolved value, so
+      a resume with another ``num_rounds`` cannot silently move it).
     readjust_epoch: the local epoch at whose end clients readjust; -1 is the last one (the
       paper's and the official code's choice).
     constant_alpha: prune with ``α`` on every readjustment round, as the official code does,
@@ -491,9 +492,13 @@ def _check_run(hp: Any, config: Any) -> None:
   if getattr(hp, 'readjust_epoch', -1) >= epochs:
     raise ValueError(f'feddst.readjust_epoch must be -1 (the last) or below the {epochs} local '
                      f'epoch(s) of a round, got {hp.readjust_epoch}.')
-  if getattr(hp, 'readjust_end', 0) > config.num_rounds:
-    raise ValueError(f'feddst.readjust_end ({hp.readjust_end}) is beyond num_rounds '
-                     f'({config.num_rounds}); 0 means num_rounds // 2.')
+
+
+def _resolve(hp: Any, config: Any) -> Any:
+  # R_end = num_rounds // 2 is part of the experiment: recorded, a resume cannot change it.
+  if hp.readjust_end == 0 and hp.readjust_every > 0:
+    return dataclasses.replace(hp, readjust_end=config.num_rounds // 2)
+  return hp
 
 
 def _build(hp: Any, common: registry.Common, **overrides: Any) -> Algorithm:
@@ -504,7 +509,7 @@ def _build(hp: Any, common: registry.Common, **overrides: Any) -> Algorithm:
 
 
 registry.register(registry.Spec(
-    name='feddst', hparams=FedDSTConfig, check=_check_run,
+    name='feddst', hparams=FedDSTConfig, check=_check_run, resolve=_resolve,
     summary='FedDST (Bibikar et al., 2022): federated dynamic sparse training',
     build=_build))
 registry.register(registry.Spec(

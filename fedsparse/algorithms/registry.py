@@ -14,7 +14,7 @@ Example:
   >>> algorithms.registry.get('fedsgd')
   Traceback (most recent call last):
   ...
-  ValueError: Unknown algorithm 'fedsgd'; valid: fedavg, fedavgm, ssfl.
+  ValueError: Unknown algorithm 'fedsgd'; valid: fedavg, fedavgm, ssfl, feddst, random_mask.
 """
 
 import dataclasses
@@ -72,6 +72,10 @@ class Spec:
     server_momentum: whether ``server_optimizer='auto'`` means server momentum (FedAvgM).
     check: optional ``check(hparams, config)`` raising ValueError where the hyperparameters
       conflict with the shared settings of a run config (e.g. more warm-up than rounds).
+    resolve: optional ``resolve(hparams, config) -> hparams`` filling defaults that depend on
+      the shared settings (FedDST's ``readjust_end=0`` becomes ``num_rounds // 2``), so that the
+      saved config records what the run really does and a resume that would change it is
+      refused.
   """
   name: str
   hparams: type
@@ -79,6 +83,7 @@ class Spec:
   summary: str
   server_momentum: bool = False
   check: Callable[[Any, Any], None] | None = None
+  resolve: Callable[[Any, Any], Any] | None = None
 
 
 _REGISTRY: dict[str, Spec] = {}
