@@ -28,8 +28,10 @@ batch 32, SGD lr 0.01, momentum 0.9, weight decay 1e-3 (dense: the round FedDST'
 are built on). The baseline is a Python loop of jitted SGD steps over each client's *own* steps
 (the last minibatch of an epoch at its real size, as PyTorch's DataLoader gives it), on exactly
 the minibatches the jitted round draws. Each row shows the padding ratio: example slots
-computed over examples really trained on. MNIST is read from ``--npz`` (default
-``../shared/data/mnist.npz``); without it, random MNIST-shaped data with MNIST's class counts.
+computed over examples really trained on. Two more rows time FedDST itself on the same cohort
+(sparsity 0.8, ``sequential``): a plain round and a readjustment round. MNIST is read from
+``--npz`` (default ``../shared/data/mnist.npz``); without it, random MNIST-shaped data with
+MNIST's class counts.
 
 Usage::
 
@@ -357,6 +359,21 @@ def bench_feddst(peak: float, rows: list[dict[str, Any]]) -> None:
       print(f'feddst {label:30s} failed: {str(e)[:120]}', flush=True)
       continue
     record(label, compile_s, t, times, ratio, base_s)
+
+  # FedDST itself (S = 0.8, the MNIST reference) on the same cohort, beside FedAvg's rounds:
+  # a plain sparse round and a readjustment round (round index 1: clients prune and regrow at
+  # the end of their last epoch, the server votes).
+  mapping = engine.ClientMapping('sequential')
+  model = models.get_model('mnistnet', 10, conv_impl=models.resolve_impl('auto'))
+  alg = algorithms.feddst(model.apply, cohort=cohort, local=local, learning_rate=lr,
+                          mapping=mapping, num_rounds=100, sparsity=0.8, alpha=0.05,
+                          readjust_every=10)
+  state = alg.init(key, params, fd)
+  for round_index, name in ((2, 'FedDST S=0.8, sequential'),
+                            (1, 'FedDST readjustment round, sequential')):
+    state = state._replace(round=jnp.int32(round_index))
+    compile_s, t, times, metrics = time_round(alg, state, mapping, fd, key)
+    record(name, compile_s, t, times, float(metrics['padding_ratio']), base_s)
 
 
 def markdown_table(rows: list[dict[str, Any]], peak: float) -> str:

@@ -96,13 +96,17 @@ def test_mask_message_bits_by_hand():
 
 def test_client_readjust_by_hand():
   params = {'a': {'kernel': jnp.array([0.5, -0.1, 0.0, 0.3, 0.0, -0.2])},
-            'a_bias': {'bias': jnp.array([1.0, 2.0])}}
+            'a_bias': {'bias': jnp.array([1.0, 2.0])},
+            'c': {'kernel': jnp.array([0.7, 0.2, 0.0])}}
   mask = {'a': {'kernel': jnp.array([1, 1, 0, 1, 0, 1], bool)},
-          'a_bias': {'bias': jnp.ones(2, bool)}}
+          'a_bias': {'bias': jnp.ones(2, bool)},
+          'c': {'kernel': jnp.array([1, 1, 0], bool)}}
   grad = {'a': {'kernel': jnp.array([9.0, 1.0, 5.0, -7.0, -6.0, 0.5])},
-          'a_bias': {'bias': jnp.array([100.0, 100.0])}}
-  prunable = {'a': {'kernel': True}, 'a_bias': {'bias': False}}
-  n = {'a': {'kernel': jnp.int32(2)}, 'a_bias': {'bias': jnp.int32(0)}}
+          'a_bias': {'bias': jnp.array([100.0, 100.0])},
+          'c': {'kernel': jnp.array([0.0, 3.0, 1.0])}}
+  prunable = {'a': {'kernel': True}, 'a_bias': {'bias': False}, 'c': {'kernel': True}}
+  n = {'a': {'kernel': jnp.int32(2)}, 'a_bias': {'bias': jnp.int32(0)},
+       'c': {'kernel': jnp.int32(1)}}
   new_params, new_mask, grown = jax.jit(
       lambda p, m, g, n: feddst_lib.client_readjust(p, m, g, n, prunable))(params, mask, grad, n)
   # Drop the 2 smallest active |w| (0.1 at 1, 0.2 at 5); regrow the 2 largest |grad| among the
@@ -113,6 +117,10 @@ def test_client_readjust_by_hand():
                                 np.float32([0.5, 0, 0, 0.3, 0, 0]))
   np.testing.assert_array_equal(new_params['a_bias']['bias'], [1.0, 2.0])
   assert not np.any(grown['a_bias']['bias'])
+  # In 'c' the entry just dropped (0.2 at 1) has the largest gradient: it regrows, at 0.
+  np.testing.assert_array_equal(new_mask['c']['kernel'], [1, 1, 0])
+  np.testing.assert_array_equal(grown['c']['kernel'], [0, 1, 0])
+  np.testing.assert_array_equal(new_params['c']['kernel'], np.float32([0.7, 0, 0]))
 
 
 def test_server_merge_by_hand():

@@ -160,9 +160,13 @@ def test_cli_and_plot(tmp_path):
   assert 'ETA' in out.stderr
   assert json.loads((workdir / 'config.json').read_text())['seed'] == 3
   png = tmp_path / 'curves.png'
-  subprocess.run([sys.executable, 'scripts/plot.py', str(workdir), f'--out={png}'], cwd=ROOT,
-                 check=True, capture_output=True)
+  out = subprocess.run([sys.executable, 'scripts/plot.py', str(workdir), f'--out={png}',
+                        '--labels=smoke', '--budgets_mb=0.001,1e9'], cwd=ROOT, check=True,
+                       capture_output=True, text=True)
   assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  rows = read_rows(workdir)
+  best = max(r['test_accuracy'] for r in rows if 'test_accuracy' in r)
+  assert f'| smoke | – | {100 * best:.2f} % |' in out.stdout
 
 
 def test_algorithm_keys_live_in_their_section_on_the_command_line(tmp_path):

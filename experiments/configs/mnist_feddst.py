@@ -5,8 +5,9 @@ local epochs of batch 32, SGD lr 0.01, momentum 0.9, weight decay 1e-3, 100 roun
 FedDST at sparsity S = 0.8 (RigL's ERK allocation, magnitude-pruned initial mask), readjustment
 ratio α = 0.05 annealed by a cosine, every ΔR = 10 rounds until R_end = 50 (0-based rounds 1,
 11, 21, 31, 41), union of the client masks. The comparisons: `mnist_feddst_fedavg` (dense
-FedAvg) and `mnist_feddst_fedavgm` (dense FedAvgM); the RandomMask baseline is
-``--config.algorithm=random_mask`` through its own section (see README).
+FedAvg) and `mnist_feddst_fedavgm` (dense FedAvgM); the RandomMask baseline (a static random
+mask of the same per-layer counts) is ``--config=experiments/configs/mnist_feddst_fedavg.py
+--config.algorithm=random_mask`` (its defaults: S = 0.8, ERK).
 
 Command (offline, with the MNIST file beside the checkout)::
 
