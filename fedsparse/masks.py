@@ -413,15 +413,21 @@ def _proportional_densities(shapes: list[tuple[int, ...]], density: float,
   Each layer's *sparsity* is proportional to ``1 - r_l`` (``r_l`` the ERK score of
   :func:`_erk_densities`), scaled by one ``c`` so that ``sum_l s_l n_l = (1 - d) N``: unlike RigL's
   ERK, small layers are not made dense and the allocation stays close to uniform. A layer whose
-  scaled sparsity would leave the range [0, 1] is clipped there (only at extreme budgets; the
-  total then misses the budget by the clipped amount). The FedDST code counts a layer's biases in
-  ``n_l``; here only the prunable entries are counted.
+  scaled sparsity would be negative (a score above 1) is kept dense, and the total then misses
+  the budget by that amount; a budget that would prune a whole layer raises. The FedDST code
+  counts a layer's biases in ``n_l``; here only the prunable entries are counted.
   """
   sizes = [math.prod(s) for s in shapes]
   raw = [1.0 - (sum(s) / n) ** power_scale if n else 0.0 for s, n in zip(shapes, sizes)]
   divisor = sum(r * n for r, n in zip(raw, sizes))
   c = (1.0 - density) * sum(sizes) / divisor if divisor > 0 else 0.0
-  return [min(max(1.0 - c * r, 0.0), 1.0) for r in raw]
+  densities = [min(1.0 - c * r, 1.0) for r in raw]
+  for shape, n, d in zip(shapes, sizes, densities):
+    if n and d <= 0:
+      raise ValueError(f"The 'proportional' allocation at density {density} prunes the whole "
+                       f'layer of shape {shape} (its density would be {d:.3g}); use a higher '
+                       "density or the 'erk' allocation.")
+  return densities
 
 
 def allocate_densities(params: Any, prunable: Any, density: float,
@@ -447,7 +453,8 @@ def allocate_densities(params: Any, prunable: Any, density: float,
     value in (0, 1] (a prunable leaf can get 0 only if it is empty).
 
   Raises:
-    ValueError: for an unknown ``method`` or a ``density`` outside (0, 1].
+    ValueError: for an unknown ``method``, a ``density`` outside (0, 1], or a ``'proportional'``
+      budget that would prune a whole layer.
   """
   _check_choice('allocation method', method, ALLOCATIONS)
   d = _check_density(density)

@@ -26,12 +26,12 @@ feddst_lib = importlib.import_module('fedsparse.algorithms.feddst')
 
 
 def make_feddst(clients_per_round=3, mapping=engine.ClientMapping('sequential'), local_epochs=1,
-                num_rounds=20, **hparams):
+                num_rounds=20, replace=False, **hparams):
   local = engine.LocalConfig(batch_size=4, local_epochs=local_epochs, momentum=0.9,
                              weight_decay=1e-3)
   hparams = {'sparsity': 0.5, 'allocation': 'uniform', 'alpha': 0.3, 'readjust_every': 1,
              **hparams}
-  return algorithms.feddst(mlp_apply, cohort=engine.CohortConfig(clients_per_round),
+  return algorithms.feddst(mlp_apply, cohort=engine.CohortConfig(clients_per_round, replace),
                            local=local, learning_rate=0.1, mapping=mapping,
                            num_rounds=num_rounds, **hparams)
 
@@ -83,11 +83,29 @@ def test_mask_message_bits_by_hand():
   assert math.comb(24, 12) == 2704156
   assert bits['enumerative'] == math.ceil(math.log2(math.comb(128, 64))) + 22
   assert comm.mask_message_bits([128, 24, 5, 1], [64, 12, 5, 0]) == (
-      2 + bits['enumerative'], 'enumerative')
-  assert comm.mask_message_bits([8], [8]) == (2, 'enumerative')  # bitmap 8, indices 24
-  assert comm.mask_message_bits([1], [1]) == (2, 'index_list')  # 0 bits, tied: the first wins
+      bits['enumerative'], 'enumerative')
+  assert comm.mask_message_bits([8], [8]) == (0, 'enumerative')  # bitmap 8, indices 24
+  assert comm.mask_message_bits([1], [1]) == (0, 'index_list')  # 0 bits, tied: the first wins
   with pytest.raises(ValueError, match='cannot keep'):
     comm.mask_encoding_bits([4], [5])
+  # The float estimate agrees with exact integers, powers of two included (C(8, 1) = 2^3).
+  for n, k in ((8, 1), (16, 8), (1000, 3), (5000, 396), (4096, 1), (64, 32)):
+    assert comm.enumerative_bits(n, k) == (math.comb(n, k) - 1).bit_length()
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_enumerative_code_round_trips_within_its_counted_length(seed):
+  rng = np.random.default_rng(seed)
+  for _ in range(25):
+    n = int(rng.integers(1, 60))
+    k = int(rng.integers(0, n + 1))
+    mask = np.zeros(n, bool)
+    mask[rng.choice(n, k, replace=False)] = True
+    rank = comm.enumerative_encode(mask)
+    assert rank.bit_length() <= comm.enumerative_bits(n, k)  # fits the counted bits
+    np.testing.assert_array_equal(comm.enumerative_decode(rank, n, k), mask)
+  with pytest.raises(ValueError, match='not in'):
+    comm.enumerative_decode(math.comb(10, 3), 10, 3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -189,13 +207,15 @@ def hand_client(state, fd, local, key, client, counts, readjust_epoch, enforce):
   return masks.apply(p, mask), mask
 
 
-@pytest.mark.parametrize('enforce, readjust_epoch', [('step', -1), ('step', 0),
-                                                     ('forward', 0)])
-def test_round_matches_a_hand_written_loop(enforce, readjust_epoch):
+@pytest.mark.parametrize('enforce, readjust_epoch, options', [
+    ('step', -1, {}), ('step', 0, {}), ('forward', 0, {}),
+    ('step', -1, {'constant_alpha': True, 'vote_threshold': 0.5})])
+def test_round_matches_a_hand_written_loop(enforce, readjust_epoch, options):
   # Readjusting after the first of two epochs makes the regrown weights train, so a missing
   # moment reset, a wrong gradient or a missing re-mask shows in the numbers.
   fd = tiny_federated(num_clients=6)
-  alg = make_feddst(local_epochs=2, mask_enforcement=enforce, readjust_epoch=readjust_epoch)
+  alg = make_feddst(local_epochs=2, mask_enforcement=enforce, readjust_epoch=readjust_epoch,
+                    **options)
   local = engine.LocalConfig(batch_size=4, local_epochs=2, momentum=0.9, weight_decay=1e-3)
   round_fn = jax.jit(alg.round)
   state, metrics = round_fn(alg.init(jax.random.key(0), init_params(), fd), fd,
@@ -204,7 +224,8 @@ def test_round_matches_a_hand_written_loop(enforce, readjust_epoch):
   key = jax.random.key(8)
   new_state, metrics = round_fn(state, fd, key)
   assert float(metrics['readjusted']) == 1.0
-  alpha_1 = feddst_lib.alpha_schedule(1, 0.3, 10)  # R_end = 20 // 2
+  alpha_1 = feddst_lib.alpha_schedule(1, 0.3, 10, options.get('constant_alpha', False))
+  assert float(metrics['alpha']) == pytest.approx(alpha_1)
   ks = {'hidden': 64, 'out': 12}
   n = {name: feddst_lib.prune_counts([k], alpha_1)[0] for name, k in ks.items()}
   assert n == {'hidden': 64 - math.floor((1 - alpha_1) * 64), 'out': 12 - math.floor(
@@ -221,7 +242,7 @@ def test_round_matches_a_hand_written_loop(enforce, readjust_epoch):
   targets = {name: {'kernel': k, 'bias': 0} for name, k in ks.items()}
   params, mask = feddst_lib.server_merge(
       stack([o[0] for o in outs]), stack([o[1] for o in outs]), sizes / jnp.sum(sizes),
-      targets, masks.prunable_leaves(state.params))
+      targets, masks.prunable_leaves(state.params), options.get('vote_threshold', 0.0))
   chex.assert_trees_all_equal(new_state.mask, mask)
   chex.assert_trees_all_close(new_state.params, params, rtol=2e-5, atol=1e-6)
 
@@ -230,9 +251,12 @@ def test_round_matches_a_hand_written_loop(enforce, readjust_epoch):
 # Invariants and bits over a run.
 
 
-def test_every_round_exact_counts_zeros_and_bits():
+@pytest.mark.parametrize('clients_per_round, replace', [(3, False), (5, True)])
+def test_every_round_exact_counts_zeros_and_bits(clients_per_round, replace):
+  # With replacement a client drawn twice is two participants: each slot pays its traffic.
   fd = tiny_federated(num_clients=6)
-  alg = make_feddst(readjust_every=2, readjust_end=5, num_rounds=8)
+  alg = make_feddst(clients_per_round, readjust_every=2, readjust_end=5, num_rounds=8,
+                    replace=replace)
   state = alg.init(jax.random.key(0), init_params(), fd)
   ks = {'hidden': 64, 'out': 12}
   mask_bits, encoding = comm.mask_message_bits([128, 24], [64, 12])
@@ -244,19 +268,21 @@ def test_every_round_exact_counts_zeros_and_bits():
     return alg.round(state, fd, key)
 
   held = np.zeros(6, int)  # the mask version each client holds, replayed by hand
-  version = 0
+  version, duplicates = 0, 0
   for t in range(8):
     old_mask = state.mask
     state, m = round_fn(state, jax.random.key(t))
     readjust = t in (1, 3)
     assert bool(m['readjusted']) == readjust
+    assert float(m['alpha']) == pytest.approx(feddst_lib.alpha_schedule(t, 0.3, 5) * readjust)
     assert layer_counts(state.mask) == ks
     for name in ks:
       w, mk = np.asarray(state.params[name]['kernel']), np.asarray(state.mask[name]['kernel'])
       assert np.all(w[~mk] == 0)
     clients = np.asarray(m['clients'])
-    assert len(set(clients.tolist())) == 3  # without replacement by default
-    np.testing.assert_array_equal(m['bits_up'], [values + readjust * mask_bits] * 3)
+    duplicates += clients_per_round - len(set(clients.tolist()))
+    np.testing.assert_array_equal(m['bits_up'],
+                                  [values + readjust * mask_bits] * clients_per_round)
     np.testing.assert_array_equal(m['bits_down'], values + mask_bits * (held[clients] != version))
     assert int(m['mask_bits']) == mask_bits
     assert comm.MASK_ENCODINGS[int(m['mask_encoding'])] == encoding
@@ -269,9 +295,10 @@ def test_every_round_exact_counts_zeros_and_bits():
     assert int(state.mask_version) == version
     np.testing.assert_array_equal(state.client_mask_version, held)
   assert version > 0
+  assert (duplicates > 0) == replace
 
 
-@pytest.mark.parametrize('mapping', STRATEGY_MAPPINGS[:-1] + [
+@pytest.mark.parametrize('mapping', STRATEGY_MAPPINGS + [
     engine.ClientMapping('vmap', size_groups=2)])
 def test_strategies_agree(mapping):
   fd = tiny_federated(num_clients=6)
@@ -285,6 +312,21 @@ def test_strategies_agree(mapping):
     chex.assert_trees_all_close(got.params, expected.params, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(m['bits_up'], m_ref['bits_up'])
     state = expected
+
+
+def test_dense_layers_do_not_readjust():
+  # At sparsity 0.3, ERK makes the small 'out' kernel dense: it has nothing to regrow into, and
+  # readjusting it would drop weights only to regrow the same entries at 0.
+  fd = tiny_federated(num_clients=6)
+  alg = make_feddst(sparsity=0.3, allocation='erk')
+  state = alg.init(jax.random.key(0), init_params(), fd)
+  assert bool(np.all(state.mask['out']['kernel']))
+  round_fn = jax.jit(alg.round)
+  for t in range(3):
+    state, m = round_fn(state, fd, jax.random.key(t))
+  assert float(m['readjusted']) == 1.0
+  assert bool(np.all(state.mask['out']['kernel']))
+  assert np.all(np.asarray(state.params['out']['kernel']) != 0)
 
 
 def test_random_mask_baseline_is_static_and_exact():

@@ -643,3 +643,18 @@ def test_dst_step_compiles_once_for_any_counts():
           int, before)
     assert jax.tree.map(int, masks.layer_count_tree(top, prunable)) == jax.tree.map(
         lambda k, f: int(k) if f else 0, n, prunable)
+
+
+def test_prune_smallest_breaks_magnitude_ties_by_the_tiebreak_then_index():
+  w = {'k': jnp.array([0.0, 0.0, 0.0, 0.5, 0.0])}
+  m = {'k': jnp.array([True, True, True, True, False])}
+  prunable = {'k': True}
+  # Drop 2 of the 3 active zeros: without a tiebreak the higher indices go first.
+  np.testing.assert_array_equal(masks.prune_smallest(w, m, 2, prunable)['k'],
+                                [True, False, False, True, False])
+  tb = {'k': jnp.array([0.1, 0.9, 0.5, 0.0, 1.0])}  # entry 1 has the largest tiebreak
+  np.testing.assert_array_equal(masks.prune_smallest(w, m, 2, prunable, tiebreak=tb)['k'],
+                                [False, True, False, True, False])
+  # The magnitude still comes first: the tiebreak never saves a smaller weight.
+  np.testing.assert_array_equal(masks.prune_smallest(w, m, 3, prunable, tiebreak=tb)['k'],
+                                [False, False, False, True, False])

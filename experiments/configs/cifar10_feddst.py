@@ -23,4 +23,5 @@ def get_config(arg: str | None = None):
   base.set_algorithm(c, 'feddst', sparsity=0.8, alpha=0.01, readjust_every=15)
   if base.is_smoke(arg):
     c = base.smoke(c)
+    c.feddst.readjust_end = 2  # two rounds: the second readjusts
   return c

@@ -32,8 +32,9 @@ by RigL's Erdős–Rényi-Kernel rule. Both directions carry only the kept weigh
 Communication (exact, per participant and round; `fedsparse.comm`): the kept weights go down and
 up as float32 (``32 Σ_l k_l`` bits) with every dense bias; positions are free while both sides
 hold the same mask. A mask travels with its per-layer counts known to the receiver, in the
-cheapest of `fedsparse.comm.MASK_ENCODINGS` (a 2-bit tag, then the layers: in practice the
-enumerative code, ``Σ_l ceil(log2 C(n_l, k_l))`` bits): every client uploads its readjusted mask
+cheapest of `fedsparse.comm.MASK_ENCODINGS`, which both sides know from the counts (in
+practice the enumerative code, ``Σ_l ceil(log2 C(n_l, k_l))`` bits, a real coder:
+`fedsparse.comm.enumerative_encode`): every client uploads its readjusted mask
 on a readjustment round, and downloads the global mask whenever it changed since the client last
 received it -- the server keeps, per client of the population, which version of the mask it
 holds (every client starts with the initial mask, rebuilt from the shared seed for free, as
@@ -56,8 +57,18 @@ changes results:
   here the gradient is that step's own (one SGD step earlier), which the loop already has.
 * Sampling is without replacement unless the config's ``sample_with_replacement`` (the official
   code samples with replacement); the official models' double softmax is not reproduced.
-* The new global mask's download is counted (the official code counts a changed mask only for
-  clients that kept a stale one) and so is every readjusted mask's upload.
+* Mask traffic: the official code charges a readjusted mask's upload as ``(1 - S)`` bits per
+  prunable weight, which no decodable code achieves, and a stale mask's download as one bit
+  per prunable weight; here both are the enumerative code's exact length (a real coder:
+  `fedsparse.comm.enumerative_encode`). Accounting is per cohort slot: with replacement, a
+  client drawn twice in a round counts as two participants, each paying its traffic.
+* Per-layer prune counts: every layer prunes ``α_t`` of its kept weights. The official code
+  re-prunes each layer to its allocation at sparsity ``S + (1 - S) α``, which under its
+  proportional allocation takes a slightly different fraction from each layer (the same
+  overall count).
+* Not included: PruneFL (Jiang et al., 2022), the paper's other baseline. Its server-side
+  readjustment needs per-round aggregated gradients and measured per-layer compute times, more
+  than the few lines that would make it a fair baseline here.
 
 Config: ``algorithm='feddst'`` with the section ``config.feddst`` holding :class:`FedDSTConfig`'s
 fields, e.g. ``--config.feddst.sparsity=0.8``; ``algorithm='random_mask'`` for the RandomMask
@@ -130,8 +141,9 @@ class FedDSTConfig:
       ``'proportional'`` (the official code's variant) or ``'uniform'``.
     initial_mask: one of `INITIAL_MASKS`: ``'magnitude'`` (largest ``|w0|`` per layer) or
       ``'random'``.
-    alpha: ``α``, the readjustment ratio, in [0, 1): the fraction of each layer's weights a
-      client prunes and regrows at the first readjustment.
+    alpha: ``α``, the readjustment ratio, in [0, 1): ``α_t = (α / 2)(1 + cos(π t / R_end))`` is
+      the fraction of each layer's kept weights a client prunes and regrows on readjustment
+      round ``t`` (``α`` itself with ``constant_alpha``).
     readjust_every: ``ΔR``, rounds between readjustments; 0 never readjusts (a static mask).
     readjust_end: ``R_end``, the round from which no readjustment happens; 0 means half the run
       (``num_rounds // 2``, the official default; a run config records the resolved value, so
@@ -197,7 +209,7 @@ class FedDSTState(NamedTuple):
 
 
 class FedDSTBroadcast(NamedTuple):
-  """What the server sends the cohort (the mask itself only when a client's copy is stale)."""
+  """What the server broadcasts to the cohort (the mask's bits count only for stale copies)."""
   params: Any
   learning_rate: jax.Array  # float32 scalar
   mask: Any
@@ -231,8 +243,9 @@ def prune_counts(counts: list[int], alpha_t: float) -> list[int]:
   """Per layer, how many of its ``k_l`` weights a client prunes (and regrows) at ``α_t``.
 
   A layer keeps ``floor((1 - α_t) k_l)`` (`fedsparse.masks.keep_count`), i.e. it is pruned from
-  sparsity ``s_l`` down to ``s_l + (1 - s_l) α_t``; the count is exact integer arithmetic on the
-  host, so no float32 round-off inside the round can move it.
+  sparsity ``s_l`` up to ``s_l + (1 - s_l) α_t``; the count is exact integer arithmetic on the
+  host, so no float32 round-off inside the round can move it. (The round caps it at the layer's
+  inactive entries: a dense layer does not readjust.)
   """
   if alpha_t <= 0:
     return [0] * len(counts)
@@ -395,12 +408,21 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
     targets = masks.layer_counts(params, prunable_, densities)
     return prunable_, densities, targets
 
-  def schedule(targets, prunable_):
-    """Per readjustment round below R_end: n_l per prunable layer (a static int32 table)."""
+  def schedule(params, targets, prunable_):
+    """Per round below R_end: n_l per prunable layer (a static int32 table, 0 off-schedule).
+
+    A layer readjusts at most as many weights as it has inactive entries: a dense layer (ERK
+    makes small layers dense) has nothing to regrow into, and pruning it would only regrow the
+    same entries at 0, wiping their weights (RigL skips dense layers the same way).
+    """
     flags = jax.tree.leaves(prunable_)
     ks = [kk for kk, f in zip(jax.tree.leaves(targets), flags) if f]
-    rows = [prune_counts(ks, alpha_schedule(t, hp.alpha, end, hp.constant_alpha))
-            if t in set(readjust_rounds(end, hp.readjust_every, end)) else [0] * len(ks)
+    room = [int(np.prod(np.shape(w))) - kk
+            for w, kk, f in zip(jax.tree.leaves(params), jax.tree.leaves(targets), flags) if f]
+    on = set(readjust_rounds(end, hp.readjust_every, end))
+    rows = [[min(n, r) for n, r in zip(
+                prune_counts(ks, alpha_schedule(t, hp.alpha, end, hp.constant_alpha)), room)]
+            if t in on else [0] * len(ks)
             for t in range(max(end, 1))]
     return np.asarray(rows, np.int32).reshape(max(end, 1), len(ks))
 
@@ -425,7 +447,7 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
                ) -> tuple[FedDSTState, dict[str, jax.Array]]:
     prunable_, _, targets = layout(state.params)
     flags = jax.tree.leaves(prunable_)
-    table = schedule(targets, prunable_)
+    table = schedule(state.params, targets, prunable_)
     row = jnp.asarray(table)[jnp.clip(state.round, 0, table.shape[0] - 1)]
     row = jnp.where(state.round < end, row, 0)
     readjust = jnp.any(row > 0)
@@ -458,6 +480,7 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
                 for w, f in zip(jax.tree.leaves(state.params), flags) if not f)
     values = comm.check_int32(comm.FLOAT_BITS * (sum(ks) + dense))
     mask_bits, encoding = comm.mask_message_bits(sizes, ks)
+    comm.check_int32(values + mask_bits)
     bits_up = values + jnp.where(readjust, mask_bits, 0)
     bits_down = values + jnp.where(stale, mask_bits, 0)
     kept_total = sum(ks)

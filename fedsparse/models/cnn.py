@@ -1,8 +1,8 @@
 """The small convolutional networks of the sparse-FL papers.
 
 * `MNISTNet`, `CIFAR10Net`, `CIFAR100Net`: the FedDST models (Bibikar et al., AAAI 2022,
-  arXiv 2112.09824), also FLASH's MNIST model (arXiv 2208.13092). The official PyTorch code applies a softmax before
-  the cross-entropy; these return logits.
+  arXiv 2112.09824), also FLASH's MNIST model (arXiv 2208.13092). The official PyTorch code
+  applies a softmax before the cross-entropy; these return logits.
 * `Conv4`, `Conv6`, `Conv10`: the VGG-like stacks of FedPM (Isik et al., ICLR 2023,
   arXiv 2209.15328), after Ramanujan et al. / Zhou et al.: pairs of 3x3 SAME convolutions with
   bias and relu, a 2x2 max-pool after each pair, then ``256 -> 256 -> classes``.
@@ -18,7 +18,8 @@ import jax
 
 from fedsparse.models import layers
 
-__all__ = ['FedDSTNet', 'MNISTNet', 'CIFAR10Net', 'CIFAR100Net', 'ConvStack', 'Conv4', 'Conv6', 'Conv10']
+__all__ = ['FedDSTNet', 'MNISTNet', 'CIFAR10Net', 'CIFAR100Net', 'ConvStack', 'Conv4', 'Conv6',
+           'Conv10']
 
 
 def _flatten(x: jax.Array) -> jax.Array:
