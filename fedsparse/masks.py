@@ -424,9 +424,9 @@ def _proportional_densities(shapes: list[tuple[int, ...]], density: float,
   densities = [min(1.0 - c * r, 1.0) for r in raw]
   for shape, n, d in zip(shapes, sizes, densities):
     if n and d <= 0:
-      raise ValueError(f"The 'proportional' allocation at density {density} prunes the whole "
-                       f'layer of shape {shape} (its density would be {d:.3g}); use a higher '
-                       "density or the 'erk' allocation.")
+      raise ValueError(f"The 'proportional' allocation at density {density:.6g} (sparsity "
+                       f'{1 - density:.6g}) prunes the whole layer of shape {shape} (its density '
+                       f"would be {d:.3g}); use a higher density or the 'erk' allocation.")
   return densities
 
 

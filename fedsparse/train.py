@@ -316,6 +316,22 @@ def _checkpoint_steps(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def _resolved_hint(prior: dict[str, Any], saved: dict[str, Any],
+                   config: ml_collections.ConfigDict) -> str:
+  """Where an algorithm resolved defaults from shared keys (e.g. FedDST's ``readjust_end`` from
+  ``num_rounds``), how to keep the recorded values while changing those keys."""
+  spec = algorithms.registry.get(config.algorithm)
+  old, new = prior.get(config.algorithm), saved.get(config.algorithm)
+  if spec.resolve is None or not isinstance(old, dict) or not isinstance(new, dict):
+    return ''
+  keep = [f'--config.{config.algorithm}.{k}={v!r}' for k, v in sorted(old.items())
+          if k in new and new[k] != v]
+  if not keep:
+    return ''
+  return (f' (the run resolved some {config.algorithm} defaults from keys such as num_rounds; '
+          f'to continue it, pass its recorded values: {" ".join(keep)})')
+
+
 def _check_resumable(workdir: pathlib.Path, saved: dict[str, Any],
                      config: ml_collections.ConfigDict) -> tuple[int, list[dict[str, Any]]]:
   """Decides where a run in ``workdir`` starts: (checkpointed round to restore, metric rows).
@@ -345,8 +361,8 @@ def _check_resumable(workdir: pathlib.Path, saved: dict[str, Any],
   if diffs:
     raise UsageError(
         f'Workdir {str(workdir)!r} holds a run with a different config ({"; ".join(diffs)}). '
-        f'Only {", ".join(sorted(workdir_lib.OPERATIONAL_KEYS))} may change when resuming; '
-        f'{way_out}.')
+        f'Only {", ".join(sorted(workdir_lib.OPERATIONAL_KEYS))} may change when resuming'
+        f'{_resolved_hint(prior, saved, config)}; {way_out}.')
   if config.num_rounds < len(rows):
     raise UsageError(
         f'num_rounds={config.num_rounds} is below the {len(rows)} rounds this workdir already '

@@ -13,6 +13,7 @@ accuracy evaluated within each upload budget: runs compared at equal upload.
 
 import json
 import pathlib
+import sys
 from typing import Sequence
 
 from absl import app
@@ -88,17 +89,44 @@ def plot(workdirs: Sequence[pathlib.Path], out: pathlib.Path, metric: str,
   plt.close(fig)
 
 
+def check_inputs(workdirs: Sequence[pathlib.Path], labels: Sequence[str], metric: str,
+                 budgets: Sequence[str]) -> list[float]:
+  """Validates the command line before anything is drawn; returns the budgets as numbers.
+
+  Raises:
+    ValueError: naming what is wrong (a missing run, a metric no run logged, ...).
+  """
+  if not workdirs:
+    raise ValueError('Pass at least one run directory (a workdir of experiments.run).')
+  if len(labels) != len(workdirs):
+    raise ValueError(f'--labels has {len(labels)} names for {len(workdirs)} runs.')
+  try:
+    values = [float(b) for b in budgets]
+  except ValueError:
+    raise ValueError(f'--budgets_mb must be numbers, got {",".join(budgets)}.') from None
+  if any(not v > 0 for v in values):
+    raise ValueError(f'--budgets_mb must be positive, got {",".join(budgets)}.')
+  for workdir in workdirs:
+    path = workdir / 'metrics.jsonl'
+    if not path.exists():
+      raise ValueError(f'{path} does not exist; pass run directories made by experiments.run.')
+    keys = set()
+    for line in path.read_text().splitlines():
+      keys.update(json.loads(line))
+    if metric not in keys:
+      found = sorted(k for k in keys if 'accuracy' in k) or sorted(keys)
+      raise ValueError(f'{path} has no {metric!r}; it has {", ".join(found) or "no rows"}.')
+  return values
+
+
 def main(argv: Sequence[str]) -> None:
-  if len(argv) < 2:
-    raise app.UsageError('Pass at least one run directory.')
   workdirs = [pathlib.Path(a) for a in argv[1:]]
   labels = _LABELS.value or [w.name for w in workdirs]
-  if len(labels) != len(workdirs):
-    raise app.UsageError(f'--labels has {len(labels)} names for {len(workdirs)} runs.')
   try:
-    budgets = [float(b) for b in _BUDGETS.value]
-  except ValueError:
-    raise app.UsageError(f'--budgets_mb must be numbers, got {_BUDGETS.value}.') from None
+    budgets = check_inputs(workdirs, labels, _METRIC.value, _BUDGETS.value)
+  except ValueError as e:
+    print(f'FATAL: {e}', file=sys.stderr)
+    sys.exit(2)
   plot(workdirs, pathlib.Path(_OUT.value), _METRIC.value, labels, _TITLE.value)
   print(f'Wrote {_OUT.value}')
   if budgets:

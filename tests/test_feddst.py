@@ -429,9 +429,19 @@ def test_default_readjust_end_is_recorded_and_a_resume_cannot_move_it(tmp_path):
   config = load_config('mnist_feddst')
   config.dataset, config.model = 'digits', 'mlp'
   config.num_rounds, config.checkpoint_every = 2, 1
+  config.feddst.readjust_end = 0  # the default (the smoke config sets 2)
   train.run(config, tmp_path / 'run')
   saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
   assert saved['feddst']['readjust_end'] == 1  # num_rounds // 2
   config.num_rounds = 4  # would move R_end to 2
-  with pytest.raises(train.UsageError, match='readjust_end'):
+  with pytest.raises(train.UsageError, match='pass its recorded values: '
+                     '--config.feddst.readjust_end=1'):
     train.run(config, tmp_path / 'run')
+  config.feddst.readjust_end = 1  # as the message says: the run continues
+  train.run(config, tmp_path / 'run')
+  assert len(read_rows(tmp_path / 'run')) == 4
+  # A one-round run records R_end = 1 (not 0, which would be "half the run" again).
+  config.num_rounds, config.feddst.readjust_end = 1, 0
+  train.run(config, tmp_path / 'one')
+  saved = json.loads((tmp_path / 'one' / 'config.json').read_text())
+  assert saved['feddst']['readjust_end'] == 1

@@ -167,6 +167,13 @@ def test_cli_and_plot(tmp_path):
   rows = read_rows(workdir)
   best = max(r['test_accuracy'] for r in rows if 'test_accuracy' in r)
   assert f'| smoke | – | {100 * best:.2f} % |' in out.stdout
+  for args, message in ((['--labels=a,b'], '--labels has 2 names for 1 runs'),
+                        (['--metric=test_acc'], "has no 'test_acc'; it has client_accuracy_mean"),
+                        (['--budgets_mb=-1'], 'must be positive'),
+                        ([f'--out={png}', str(tmp_path / 'none')], 'does not exist')):
+    bad = subprocess.run([sys.executable, 'scripts/plot.py', str(workdir)] + args, cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith('FATAL: ') and message in bad.stderr
 
 
 def test_algorithm_keys_live_in_their_section_on_the_command_line(tmp_path):

@@ -79,6 +79,7 @@ Example:
 
   >>> import jax
   >>> from fedsparse import data as data_lib, engine, masks, models
+  >>> from fedsparse.algorithms import feddst
   >>> fd, _ = data_lib.make_federated_data(data_lib.load_dataset('digits'), 8, 'iid', seed=0)
   >>> model = models.get_model('mlp', 10)
   >>> params = model.init(jax.random.key(0), jax.numpy.zeros((1, 8, 8, 1)))['params']
@@ -519,8 +520,10 @@ def _check_run(hp: Any, config: Any) -> None:
 
 def _resolve(hp: Any, config: Any) -> Any:
   # R_end = num_rounds // 2 is part of the experiment: recorded, a resume cannot change it.
+  # At least 1: a recorded 0 would mean "half the run" again on a resume (rounds below 1 never
+  # readjust, so R_end = 1 and 0 behave alike).
   if hp.readjust_end == 0 and hp.readjust_every > 0:
-    return dataclasses.replace(hp, readjust_end=config.num_rounds // 2)
+    return dataclasses.replace(hp, readjust_end=max(1, config.num_rounds // 2))
   return hp
 
 
