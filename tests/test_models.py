@@ -12,12 +12,13 @@ from fedsparse.models import layers
 CONCRETE_IMPLS = ('xla', 'matmul', 'fwdconv')
 
 # (model, input HWC, classes, exact parameter count). Counts pinned from the papers' models:
-# MNISTNet/CIFAR10Net from FedDST, Conv4/6/10 from FedPM's official code (convs with bias),
+# MNISTNet/CIFAR10Net/CIFAR100Net from FedDST, Conv4/6/10 from FedPM's official code (convs with bias),
 # ResNet-18 with GroupNorm has as many parameters as with BatchNorm (scale + bias per channel).
 PARAM_COUNTS = (
     ('mlp', (28, 28, 1), 10, 199_210),
     ('mnistnet', (28, 28, 1), 10, 261_840),
     ('cifar10net', (32, 32, 3), 10, 782_006),
+    ('cifar100net', (32, 32, 3), 100, 783_092),
     ('conv4', (28, 28, 1), 10, 1_933_258),
     ('conv6', (32, 32, 3), 10, 2_262_602),
     ('conv10', (32, 32, 3), 100, 19_197_092),
@@ -43,8 +44,8 @@ def _leaf_names(tree):
 class TestRegistry:
 
   def test_models_tuple(self):
-    assert models.MODELS == ('mlp', 'mnistnet', 'cifar10net', 'conv4', 'conv6', 'conv10',
-                             'resnet18')
+    assert models.MODELS == ('mlp', 'mnistnet', 'cifar10net', 'cifar100net', 'conv4', 'conv6',
+                             'conv10', 'resnet18')
 
   def test_unknown_model_lists_choices(self):
     with pytest.raises(ValueError, match='mnistnet.*resnet18'):

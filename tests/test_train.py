@@ -27,10 +27,13 @@ def load_config(name: str, arg: str | None = 'smoke'):
 
 def fake_npz(path: pathlib.Path, shape: tuple[int, ...], num_classes: int, n: int = 96) -> str:
   rng = np.random.default_rng(0)
+  # Every class has test examples, so any client's local test set can be built (with 100
+  # classes, 40 random labels would leave most classes without one).
+  n_test = max(40, num_classes)
   np.savez(path, x_train=rng.integers(0, 256, (n,) + shape, dtype=np.uint8),
-           y_train=rng.integers(0, num_classes, n), x_test=rng.integers(0, 256, (40,) + shape,
-                                                                        dtype=np.uint8),
-           y_test=rng.integers(0, num_classes, 40))
+           y_train=rng.integers(0, num_classes, n),
+           x_test=rng.integers(0, 256, (n_test,) + shape, dtype=np.uint8),
+           y_test=rng.permutation(np.arange(n_test) % num_classes))
   return f'npz:{path}'
 
 
