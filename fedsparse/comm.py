@@ -53,6 +53,7 @@ __all__ = [
     'enumerative_decode',
     'mask_encoding_bits',
     'mask_message_bits',
+    'counted_mask_bits',
     'per_client',
     'check_int32',
 ]
@@ -215,6 +216,24 @@ def mask_message_bits(sizes: Sequence[int], counts: Sequence[int]) -> tuple[int,
   bits = mask_encoding_bits(sizes, counts)
   name = min(MASK_ENCODINGS, key=lambda e: (bits[e], MASK_ENCODINGS.index(e)))
   return check_int32(bits[name]), name
+
+
+def counted_mask_bits(sizes: Sequence[int], counts: Sequence[int]) -> int:
+  """Bits of a mask message whose per-layer counts the receiver does not know.
+
+  Each layer sends its count ``k`` in ``ceil(log2(n + 1))`` bits (enough for any of ``0..n``),
+  then the enumerative code of its positions (``ceil(log2 C(n, k))`` bits,
+  :func:`enumerative_bits`, the shortest of `MASK_ENCODINGS` for a known count). FLASH's masks
+  change their per-layer counts, so they travel this way.
+
+  Example::
+
+    >>> counted_mask_bits([1000, 16], [2, 16])  # 10 + 19 bits, then 5 + 0 bits
+    34
+  """
+  sizes, counts = [int(n) for n in sizes], [int(k) for k in counts]
+  bits = mask_encoding_bits(sizes, counts)['enumerative']  # validates
+  return bits + sum(_ceil_log2(n + 1) for n in sizes)
 
 
 def per_client(bits: int | jax.Array, num_clients: int) -> jax.Array:

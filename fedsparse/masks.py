@@ -37,6 +37,8 @@ Dynamic sparse training (every count traced, every selection exact, ties broken 
   start the regrown weights and their optimizer moments at 0.
 * :func:`masked_weighted_mean` -- aggregate sparse client models entry by entry, over the clients
   that hold each entry.
+* :func:`apportion` -- split an integer budget over layers in proportion to shares, capped at
+  each layer's room, summing exactly to the budget (FLASH's regrowth and density rescaling).
 
 Example::
 
@@ -64,6 +66,7 @@ __all__ = [
     'TIES',
     'SCOPES',
     'prunable_leaves',
+    'default_prunable',
     'ones_like',
     'apply',
     'count',
@@ -84,6 +87,7 @@ __all__ = [
     'zero_regrown',
     'reset_moments',
     'masked_weighted_mean',
+    'apportion',
 ]
 
 ALLOCATIONS = ('uniform', 'erk', 'proportional')
@@ -238,8 +242,11 @@ def _flat_ranks(flat: jax.Array, eligible: jax.Array | None = None,
 # Structure and bookkeeping.
 
 
-def _default_predicate(path: tuple[str, ...], leaf: Any) -> bool:
-  # Conv and dense kernels only: biases and norm scales/offsets are tiny and sensitive.
+def default_prunable(path: tuple[str, ...], leaf: Any) -> bool:
+  """The default predicate of :func:`prunable_leaves`: conv and dense kernels.
+
+  Biases and normalisation scales and offsets are tiny and sensitive, so they stay dense.
+  """
   return bool(path) and path[-1] == 'kernel' and len(_shape(leaf)) >= 2
 
 
@@ -259,7 +266,7 @@ def prunable_leaves(params: Any,
   Raises:
     ValueError: when no leaf is prunable (a sparsity budget would then mean nothing).
   """
-  predicate = _default_predicate if predicate is None else predicate
+  predicate = default_prunable if predicate is None else predicate
   with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
   flags = [bool(predicate(tuple(_key_str(k) for k in path), leaf)) for path, leaf in with_path]
   if not any(flags):
@@ -837,3 +844,59 @@ def masked_weighted_mean(trees: Any, masks: Any, weights: jax.Array) -> Any:
                      ).astype(x.dtype)
 
   return jax.tree.map(mean, trees, masks)
+
+
+def apportion(total: Any, shares: jax.Array, caps: jax.Array) -> jax.Array:
+  """Splits an integer ``total`` over ``L`` parts in proportion to ``shares``, capped, exactly.
+
+  The quota of part ``l`` is ``shares_l · T / Σ shares`` over the parts not at their cap, where
+  ``T`` is what the capped parts leave; a part whose quota reaches its cap is fixed at the cap
+  and the rest is shared again (at most ``L`` times: FLASH's "redistribute what the cap cuts").
+  Every part gets the floor of its quota, and the parts with the largest remainders one more
+  (Hamilton's largest-remainder method; ties by index), so the parts sum exactly to the total.
+  If every uncapped share is 0 (or not finite), the rest is shared in proportion to the caps.
+  All of it is jit-safe: ``total``, ``shares`` and ``caps`` may be traced.
+
+  Args:
+    total: an integer scalar, clipped to ``[0, Σ caps]``.
+    shares: ``[L]`` non-negative weights (negative or non-finite ones count as 0).
+    caps: ``[L]`` integer upper bounds (e.g. a layer's inactive entries).
+
+  Returns:
+    ``[L]`` int32 parts with ``0 <= part_l <= caps_l`` and ``Σ part = clip(total, 0, Σ caps)``.
+
+  Example::
+
+    >>> apportion(10, jnp.array([1.0, 1.0, 2.0]), jnp.array([100, 100, 100])).tolist()
+    [3, 2, 5]
+    >>> apportion(10, jnp.array([1.0, 1.0, 8.0]), jnp.array([100, 100, 4])).tolist()
+    [3, 3, 4]
+  """
+  shares = jnp.asarray(shares, jnp.float32)
+  caps = jnp.maximum(jnp.asarray(caps), 0).astype(jnp.int32)
+  if shares.ndim != 1 or caps.shape != shares.shape:
+    raise ValueError(f'shares and caps must be 1-D of one length, got {shares.shape} and '
+                     f'{caps.shape}.')
+  num = shares.shape[0]
+  total = jnp.clip(_as_count(total, 'total'), 0, jnp.sum(caps))
+  shares = jnp.where(jnp.isfinite(shares) & (shares > 0), shares, 0.0)
+  capsf = caps.astype(jnp.float32)
+  capped = caps <= 0
+  quota = jnp.zeros_like(shares)
+  # Each pass fixes the parts whose quota reaches the cap; L + 1 passes reach the fixed point
+  # (the last recomputes the quotas after the last new cap).
+  for _ in range(num + 1):
+    free = (total - jnp.sum(jnp.where(capped, caps, 0))).astype(jnp.float32)
+    s = jnp.where(capped, 0.0, shares)
+    s = jnp.where(jnp.sum(s) > 0, s, jnp.where(capped, 0.0, capsf))
+    quota = jnp.where(capped, capsf, s * free / jnp.maximum(jnp.sum(s), jnp.float32(1e-30)))
+    capped = capped | (quota >= capsf)
+  quota = jnp.minimum(quota, capsf)
+  base = jnp.minimum(jnp.floor(quota).astype(jnp.int32), caps)
+  remainder = quota - base.astype(jnp.float32)
+  # Float32 quotas sum to the total up to rounding, so the deficit lies in [-1, L]: hand it out
+  # by largest remainder (or, if negative, take it back by smallest).
+  deficit = total - jnp.sum(base)
+  up = _flat_ranks(remainder, eligible=base < caps) < deficit
+  down = _flat_ranks(-remainder, eligible=base > 0) < -deficit
+  return base + up.astype(jnp.int32) - down.astype(jnp.int32)

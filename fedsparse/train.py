@@ -532,9 +532,7 @@ def _run_rounds(exp: Experiment, workdir: pathlib.Path, saved: dict[str, Any],
           row['compile_seconds'] = compile_seconds
         finite = math.isfinite(row['train_loss'])
         if finite and ((t + 1) % config.eval_every == 0 or t + 1 == config.num_rounds):
-          params = exp.algorithm.eval_params(state, _eval_key(config.seed, t))
-          ev = jax.device_get(exp.evaluate(params, exp.data))
-          row.update({k: float(v) for k, v in ev.items()})
+          row.update(_evaluate(exp, state, _eval_key(config.seed, t)))
         metrics_file.write(workdir_lib.json_row(row) + '\n')  # one write per line: never torn
         metrics_file.flush()
         last = row
@@ -558,14 +556,24 @@ def _run_rounds(exp: Experiment, workdir: pathlib.Path, saved: dict[str, Any],
     return last
 
 
+def _evaluate(exp: Experiment, state: Any, key: jax.Array) -> dict[str, float]:
+  """The global model's test metrics, and each of the algorithm's variants' as ``name/metric``."""
+  ev = jax.device_get(exp.evaluate(exp.algorithm.eval_params(state, key), exp.data))
+  out = {k: float(v) for k, v in ev.items()}
+  if exp.algorithm.eval_variants is not None:
+    for name, params in exp.algorithm.eval_variants(state, key).items():
+      ev = jax.device_get(exp.evaluate(params, exp.data))
+      out.update({f'{name}/{k}': float(v) for k, v in ev.items()})
+  return out
+
+
 def _finish(exp: Experiment, state: Any, history: list[dict[str, Any]],
             workdir: pathlib.Path) -> dict[str, Any]:
   """A resumed run with no rounds left: its last row, evaluated if it was not yet."""
   last = dict(history[-1])
   if 'test_accuracy' not in last:
     # E.g. a run cut to the round of its last checkpoint: the final round is always evaluated.
-    params = exp.algorithm.eval_params(state, _eval_key(exp.config.seed, last['round'] - 1))
-    last.update({k: float(v) for k, v in jax.device_get(exp.evaluate(params, exp.data)).items()})
+    last.update(_evaluate(exp, state, _eval_key(exp.config.seed, last['round'] - 1)))
     workdir_lib.write_atomic(workdir / METRICS_FILE, ''.join(
         workdir_lib.json_row(r) + '\n' for r in history[:-1] + [last]))
   logging.info('The workdir already holds all %d rounds.', last['round'])

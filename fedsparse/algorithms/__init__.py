@@ -8,10 +8,11 @@ from fedsparse.algorithms.ssfl import SCORES as SALIENCY_SCORES
 from fedsparse.algorithms.ssfl import WEIGHTINGS as SALIENCY_WEIGHTINGS
 from fedsparse.algorithms.ssfl import SSFLConfig, SSFLState, population_saliency, ssfl
 from fedsparse.algorithms.feddst import FedDSTConfig, FedDSTState, RandomMaskConfig, feddst
+from fedsparse.algorithms.flash import FLASHConfig, FLASHState, flash
 
-__all__ = ['ALGORITHMS', 'FedAvgConfig', 'FedAvgMConfig', 'FedAvgState', 'FedDSTConfig',
-           'FedDSTState', 'RandomMaskConfig', 'SALIENCY_SCORES',
+__all__ = ['ALGORITHMS', 'FLASHConfig', 'FLASHState', 'FedAvgConfig', 'FedAvgMConfig',
+           'FedAvgState', 'FedDSTConfig', 'FedDSTState', 'RandomMaskConfig', 'SALIENCY_SCORES',
            'SALIENCY_WEIGHTINGS', 'SSFLConfig', 'SSFLState', 'SSFL_MASKS', 'fedavg',
-           'fedavg_round_core', 'fedavgm', 'feddst', 'population_saliency', 'registry', 'ssfl']
+           'fedavg_round_core', 'fedavgm', 'feddst', 'flash', 'population_saliency', 'registry', 'ssfl']
 
 ALGORITHMS = registry.names()

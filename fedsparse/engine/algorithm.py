@@ -44,8 +44,12 @@ class Algorithm(NamedTuple):
     host_bits: optional ``host_bits(metrics) -> {'bits_up': [K], 'bits_down': [K]}`` (NumPy
       int64, either key optional) computed on the host from the round's ``payload_*`` metrics,
       added to the round's bits.
+    eval_variants: optional ``eval_variants(state, key) -> {name: params}``: further models
+      evaluated beside ``eval_params``'s, logged as ``name/test_accuracy`` etc. (e.g.
+      hetero-FLASH's global model at each smaller density budget).
   """
   init: Callable[[jax.Array, Any, FederatedData], Any]
   round: Callable[[Any, FederatedData, jax.Array], tuple[Any, dict[str, jax.Array]]]
   eval_params: Callable[[Any, jax.Array], Any]
   host_bits: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
+  eval_variants: Callable[[Any, jax.Array], dict[str, Any]] | None = None

@@ -81,6 +81,7 @@ __all__ = [
     'StepInfo',
     'bernoulli_mask',
     'client_minibatches',
+    'client_streams',
     'identity_transform',
     'masked_transform',
     'run_clients',
@@ -274,8 +275,13 @@ def _minibatch_grad(loss_fn: Callable[..., jax.Array], params: Any, data: Federa
   return total * scale, jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
 
 
-def _client_streams(key: jax.Array) -> jax.Array:
-  """A client's round key split into its data-order, init, step, epoch-end and final streams."""
+def client_streams(key: jax.Array) -> jax.Array:
+  """A client's round key split into its data-order, init, step, epoch-end and final streams.
+
+  For hand-written references of the loop: step ``t``'s transform, loss and update keys are
+  ``jax.random.split(jax.random.fold_in(streams[2], t), 3)``, epoch ``e``'s end key is
+  ``jax.random.fold_in(streams[3], e)``.
+  """
   return jax.random.split(key, 5)
 
 
@@ -287,7 +293,7 @@ def client_minibatches(key: jax.Array, data: FederatedData, client_id: int,
   client (its cohort slot's key, e.g. ``draw_cohort(...).keys[slot]``), this lists exactly the
   minibatches the jitted loop trains on, step by step.
   """
-  order_key = _client_streams(key)[0]
+  order_key = client_streams(key)[0]
   size = int(data.client_size[client_id])
   orders = example_orders(order_key, data.client_index[client_id], jnp.int32(size), local)
   return host_minibatches(np.asarray(orders), size, local)
@@ -301,7 +307,7 @@ def _run_one_client(program: ClientProgram, local: LocalConfig, data: FederatedD
   client = ClientInfo(id=client_id, slot=slot, size=size, steps_per_epoch=spe,
                       num_steps=num_steps)
   ctx = Context(shared=shared, client=client)
-  order_key, init_key, step_keys, epoch_keys, final_key = _client_streams(key)
+  order_key, init_key, step_keys, epoch_keys, final_key = client_streams(key)
   orders = example_orders(order_key, data.client_index[client_id], size, local)
   carry = program.init(ctx, init_key)
   num_epochs = local.num_epochs

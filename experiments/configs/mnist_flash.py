@@ -1,0 +1,51 @@
+"""FLASH on MNIST: SPDST at density d = 0.05 (JMWST, PDST and hetero-FLASH by flags).
+
+MNISTNet on MNIST; 100 clients, balanced Dirichlet(α = 1) labels; 10 clients per round (no
+replacement), unweighted averaging; 1 local epoch of batch 32, plain SGD at
+lr 0.1 · 0.01^(t/1000); 100 rounds. Masks on ``conv2`` and ``fc1`` (``Conv_1``, ``Dense_0``)
+only, as the official code's MNIST mask: the first conv and the classifier stay dense. Stage 1:
+10 % of the clients hunt densities for 10 local epochs.
+
+Commands (offline, with the MNIST file beside the checkout; one per row of the README table)::
+
+  python -m experiments.run --config=experiments/configs/mnist_flash.py \\
+      --config.dataset=npz:../shared/data/mnist.npz --workdir=/tmp/mnist_spdst
+  ... --config.flash.mode=jmwst --workdir=/tmp/mnist_jmwst
+  ... --config.flash.mode=pdst --workdir=/tmp/mnist_pdst
+  ... --config.flash.hetero=True --workdir=/tmp/mnist_hetero_spdst
+
+Expected results: see the README's "FLASH on MNIST" table.
+"""
+
+from experiments.configs import base
+
+
+def setting(c):
+  """FLASH's MNIST setting on any config (data, model, cohort, local training, rounds)."""
+  c.dataset = 'mnist'
+  c.model = 'mnistnet'
+  c.partition = 'dirichlet_balanced'
+  c.dirichlet_alpha = 1.0
+  c.num_clients = 100
+  c.clients_per_round = 10
+  c.sample_with_replacement = False
+  c.weighted_aggregation = False
+  c.num_rounds = 100
+  c.local_epochs = 1
+  c.batch_size = 32
+  c.learning_rate = 0.1
+  c.lr_decay = 0.01 ** (1 / 1000)
+  c.momentum = 0.0
+  c.weight_decay = 0.0
+  c.eval_every = 5
+  return c
+
+
+def get_config(arg: str | None = None):
+  c = setting(base.base_config())
+  base.set_algorithm(c, 'flash', mode='spdst', density=0.05,
+                     exclude_layers='^Conv_0/,^Dense_1/')
+  if base.is_smoke(arg):
+    c = base.smoke(c)
+    c.flash.hunt_epochs = 2
+  return c

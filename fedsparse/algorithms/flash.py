@@ -1,0 +1,668 @@
+"""FLASH: lottery-aware sparsity hunting -- SPDST, JMWST, hetero-FLASH and the PDST baseline.
+
+Reference: S. Babakniya, S. Kundu, S. Prakash, Y. Niu, S. Avestimehr. "Revisiting Sparsity
+Hunting in Federated Learning: Why does Sparsity Consensus Matter?" TMLR 2023. arXiv:2208.13092.
+Official PyTorch code: github.com/SaraBabakN/flash_fl.
+
+Every mode trains a sparse model at density ``d`` of the prunable weights, both ways; they differ
+in how the mask is found.
+
+* **NST** (the clients' sparse training, used by stage 1 and JMWST). Plain local SGD, re-masked
+  after every step. At the end of every local epoch but the last (with one local epoch: once,
+  after step ``floor(s_k / 2)`` of the client's ``s_k`` steps, as the official code), the client
+  prunes and regrows: the prune rate decays linearly over the client's local run,
+  ``r = r0 (1 - steps done / steps of the run)`` (``r0 = 0.25``); every prunable layer drops its
+  ``ceil(r · nnz_l)`` smallest-``|w|`` active weights; the total dropped is regrown across the
+  layers in proportion to each layer's mean ``|w|`` over its active entries (measured before
+  the drop), capped at a layer's inactive entries with what the cap cuts shared again
+  (`fedsparse.masks.apportion`: exact counts, largest remainders), uniformly at random among the
+  layer's inactive entries (the ones just dropped included); regrown weights start at 0. So a
+  client's total count never changes, while its per-layer densities move toward the layers
+  whose weights grow.
+* **Stage 1** (SPDST and JMWST; once, in ``init``). ``max(floor(f · N), 1)`` clients
+  (``f = hunt_fraction = 0.1``), drawn uniformly without replacement, start from one uniformly
+  random mask at density ``d`` in every layer and run NST for ``hunt_epochs = 10`` local epochs;
+  each uploads only its mask. The server averages the per-layer counts, rescales them to the
+  budget ``K = floor(d · P)`` (``δ'_l = min(δ_l · ratio, 1)``, with what the cap at 1 cuts
+  shared again over the other layers: `fedsparse.masks.apportion`), and draws a uniformly
+  random mask with exactly those counts (the hunters' positions are not used). The global model
+  starts from the unmodified ``w0`` (the hunters' weights are discarded: a fresh initialisation).
+* **SPDST** then trains with that static mask (static-mask FedAvg of the weights).
+* **JMWST**: after stage 1, every round (every ``mask_interval`` rounds) the clients run NST and
+  upload weights and masks; the server averages the weights and builds the next mask per layer:
+  count = the clients' mean count, rescaled to ``K`` (as in stage 1), positions = the largest
+  ``|w̄|`` of the averaged weights (ties by index). On other rounds the mask stays.
+* **PDST** (the baseline): a uniformly random static mask at density ``d`` in every layer.
+* **hetero-FLASH** (``hetero=True``): clients have density budgets ``β d`` with ``β`` in
+  ``budgets`` (``0.5, 0.75, 1``). Every round the server derives a budget's mask from the global
+  one: per layer the ``floor(β k_l)`` largest-``|w|`` entries of the global mask's ``k_l``; each
+  client trains under its budget's mask. Budgets belong to clients (``budget_assignment=
+  'client'``: a seeded, balanced assignment drawn at init, fixed for the run: a device's
+  capacity does not change) or to cohort slots (``'slot'``, the official code: slot ``i`` of
+  ``K`` gets ``budgets[min(i // (K // B), B - 1)]``, for ``K = 10`` three of 0.5, three of 0.75,
+  four of 1). The metrics after each evaluation include every smaller budget's global model
+  (``budget_0.5/test_accuracy``, ...).
+
+Aggregation: ``aggregation='mean'`` averages the uploaded sparse weights with zeros where a client
+does not hold an entry (the paper and the official code), ``'masked_mean'`` over the clients that
+hold each entry; uniform over the cohort (``weighted_aggregation=False``, the paper) or by
+sample count (``True``).
+
+Communication (exact, per participant and round; `fedsparse.comm`): the kept weights travel as
+float32 both ways (``32 Σ_l k_l`` bits of the client's own mask, plus every dense leaf);
+positions are free while both sides hold the mask. A mask message carries its per-layer counts
+(``ceil(log2(n_l + 1))`` bits each: FLASH's counts change) and the enumerative code of each
+layer (`fedsparse.comm.counted_mask_bits`; the cheapest exact code for a mask of known counts).
+Sent: every hunter's stage-1 mask, once, at round 0 (``bits_up_all``; hunters rebuild ``w0``
+and the initial random mask from the shared seed, as every client does ``w0``); the global mask
+to a participant that does not hold its current version (SPDST: at its first participation;
+JMWST: whenever it changed); a smaller budget's mask to its client every round (it is derived
+from the current weights); in JMWST's NST rounds every client's mask, up. PDST's random mask
+comes from the shared seed, free. These lengths depend on traced counts, so the round returns
+the counts (``payload_*``) and ``host_bits`` computes them on the host.
+
+Choices and deviations (``ALGORITHMS.md``):
+
+* Counts are exact everywhere. The official code regrows with Bernoulli draws (about, not
+  exactly, the count), caps each layer's regrowth at 99 % of its inactive entries, does not
+  redistribute what stage 1's cap at density 1 cuts, and draws Bernoulli random masks; it also
+  keeps just-pruned weights at their old values when they are regrown (here 0), adds an
+  "adjusted growth" term to later prunes of a local run and lowers the rate of layers below
+  20 % sparsity. Those refinements of the sparse-learning library it builds on are not
+  reproduced.
+* The official server evaluates the averaged model before re-masking it (its support can exceed
+  ``d``); here the global model always holds exactly the mask.
+* hetero: the official code trains every client at full budget in round 0 and requires its
+  "aggregate" mask-count rule; here budgets apply from round 0 and the count rule is the mean.
+* Which layers are masked: the prunable leaves (conv and dense kernels) minus
+  ``exclude_layers`` (comma-separated regular expressions matched against the ``/``-joined
+  parameter path). The official code masks every conv of ResNet-18 but not the classifier, and
+  only ``conv2`` and ``fc1`` of the MNIST CNN (the configs say so).
+* The learning rate ``lr · decay^t`` of round ``t`` (the official code applies round ``t``'s
+  decay from round ``t + 2``).
+
+Config: ``algorithm='flash'`` with the section ``config.flash`` holding :class:`FLASHConfig`'s
+fields, e.g. ``--config.flash.mode=jmwst --config.flash.density=0.05``. FLASH averages weights,
+not deltas: the server optimizer must stay plain averaging.
+
+Example:
+
+  >>> import jax
+  >>> from fedsparse import data as data_lib, engine, models
+  >>> from fedsparse.algorithms import flash
+  >>> fd, _ = data_lib.make_federated_data(data_lib.load_dataset('digits'), 10, 'iid', seed=0)
+  >>> model = models.get_model('mlp', 10)
+  >>> params = model.init(jax.random.key(0), jax.numpy.zeros((1, 8, 8, 1)))['params']
+  >>> alg = flash(model.apply, cohort=engine.CohortConfig(4, weighted=False),
+  ...             local=engine.LocalConfig(batch_size=32, local_epochs=2), learning_rate=0.05,
+  ...             mode='jmwst', density=0.2, hunt_epochs=3)
+  >>> state = alg.init(jax.random.key(1), params, fd)
+  >>> round_fn = engine.jit(alg.round)
+  >>> for t in range(2):
+  ...   state, metrics = round_fn(state, fd, jax.random.key(t))
+  ...   print(t, round(float(metrics['density']), 3))
+  0 0.2
+  1 0.2
+"""
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fedsparse import comm
+from fedsparse import masks
+from fedsparse.algorithms import registry
+from fedsparse.algorithms.fedavg import client_learning_rate
+from fedsparse.data import FederatedData
+from fedsparse.engine import (ENFORCEMENTS, Algorithm, ClientMapping, ClientProgram, CohortConfig,
+                              LocalConfig, aggregation_weights, client_optimizer, draw_cohort,
+                              identity_transform, jit, masked_transform, run_clients,
+                              steps_per_epoch, supervised_loss, weighted_mean)
+
+__all__ = ['AGGREGATIONS', 'BUDGET_ASSIGNMENTS', 'MODES', 'FLASHBroadcast', 'FLASHCarry',
+           'FLASHConfig', 'FLASHState', 'budget_masks', 'flash', 'hunted_counts',
+           'nst_prune_regrow', 'slot_budgets']
+
+MODES = ('spdst', 'jmwst', 'pdst')
+AGGREGATIONS = ('mean', 'masked_mean')
+BUDGET_ASSIGNMENTS = ('client', 'slot')
+
+
+def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
+  if value not in valid:
+    raise ValueError(f'Unknown {name} {value!r}; valid: {", ".join(valid)}.')
+
+
+def _check_int(name: str, value: Any, low: int) -> None:
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f'{name} must be an integer >= {low}, got {value!r}.')
+
+
+def _fraction(name: str, value: Any, closed: bool) -> None:
+  ok = not isinstance(value, bool) and isinstance(value, (int, float)) and (
+      0 < value <= 1 if closed else 0 <= value < 1)
+  if not ok:
+    raise ValueError(f'{name} must be in {"(0, 1]" if closed else "[0, 1)"}, got {value!r}.')
+
+
+@dataclasses.dataclass(frozen=True)
+class FLASHConfig:
+  """FLASH's own hyperparameters (the config section ``flash``); defaults: the paper's.
+
+  Attributes:
+    mode: one of `MODES`: ``'spdst'`` (hunted densities, static random mask), ``'jmwst'``
+      (hunted densities, then a mask rebuilt every round from the clients' NST) or ``'pdst'``
+      (the baseline: a random static mask at density ``d`` in every layer).
+    density: ``d``, the fraction of prunable weights kept, in (0, 1].
+    hunt_fraction: the fraction of the clients that hunt densities in stage 1, in (0, 1].
+    hunt_epochs: local epochs of NST in stage 1.
+    prune_rate: ``r0``, NST's initial prune rate, decaying linearly to 0 over a client's local
+      run, in [0, 1).
+    aggregation: one of `AGGREGATIONS`: ``'mean'`` (zeros where a client does not hold an entry;
+      the paper) or ``'masked_mean'`` (over the clients holding each entry).
+    mask_interval: JMWST rebuilds the mask (and its clients run NST) every this many rounds.
+    hetero: hetero-FLASH: clients train under density budgets ``β d``.
+    budgets: the budget fractions ``β``, comma-separated, each in (0, 1], the largest 1.
+    budget_assignment: one of `BUDGET_ASSIGNMENTS`: a budget per client (fixed for the run) or
+      per cohort slot (the official code).
+    exclude_layers: comma-separated regular expressions; prunable leaves whose ``/``-joined path
+      (e.g. ``Dense_1/kernel``) matches one (``re.search``) stay dense.
+    mask_enforcement: one of `fedsparse.engine.ENFORCEMENTS`: ``'step'`` trains ``w`` and
+      re-masks after every step (the official code), ``'forward'`` trains ``w ⊙ m``.
+  """
+  mode: str = 'spdst'
+  density: float = 0.05
+  hunt_fraction: float = 0.1
+  hunt_epochs: int = 10
+  prune_rate: float = 0.25
+  aggregation: str = 'mean'
+  mask_interval: int = 1
+  hetero: bool = False
+  budgets: str = '0.5,0.75,1'
+  budget_assignment: str = 'client'
+  exclude_layers: str = ''
+  mask_enforcement: str = 'step'
+
+  def __post_init__(self):
+    _check('mode', self.mode, MODES)
+    _fraction('density', self.density, closed=True)
+    _fraction('hunt_fraction', self.hunt_fraction, closed=True)
+    _fraction('prune_rate', self.prune_rate, closed=False)
+    _check_int('hunt_epochs', self.hunt_epochs, 1)
+    _check_int('mask_interval', self.mask_interval, 1)
+    _check('aggregation', self.aggregation, AGGREGATIONS)
+    _check('budget_assignment', self.budget_assignment, BUDGET_ASSIGNMENTS)
+    _check('mask_enforcement', self.mask_enforcement, ENFORCEMENTS)
+    if not isinstance(self.hetero, bool):
+      raise ValueError(f'hetero must be a bool, got {self.hetero!r}.')
+    fractions = self.budget_fractions  # validates
+    if sorted(set(fractions)) != list(fractions) or fractions[-1] != 1:
+      raise ValueError(f'budgets must be increasing fractions of the density ending at 1, got '
+                       f'{self.budgets!r}.')
+    for pattern in self.exclude_patterns:
+      try:
+        re.compile(pattern)
+      except re.error as e:
+        raise ValueError(f'exclude_layers: {pattern!r} is not a regular expression ({e}).') from e
+
+  @property
+  def budget_fractions(self) -> tuple[float, ...]:
+    """The budgets ``β`` as floats (``(1.0,)`` unless ``hetero``)."""
+    if not self.hetero:
+      return (1.0,)
+    try:
+      values = tuple(float(v) for v in str(self.budgets).split(','))
+    except ValueError:
+      raise ValueError(f'budgets must be comma-separated numbers, e.g. "0.5,0.75,1", got '
+                       f'{self.budgets!r}.') from None
+    for v in values:
+      _fraction('every budget', v, closed=True)
+    return values
+
+  @property
+  def exclude_patterns(self) -> tuple[str, ...]:
+    return tuple(p.strip() for p in str(self.exclude_layers).split(',') if p.strip())
+
+
+class FLASHState(NamedTuple):
+  """Server state."""
+  params: Any  # global weights, exactly 0 outside ``mask``
+  mask: Any  # bool pytree: the global (full-budget) mask
+  round: jax.Array  # int32 scalar, 0-based
+  mask_version: jax.Array  # int32: how many times the global mask has changed since stage 1
+  client_mask_version: jax.Array  # [N] int32: the version each client holds (-1: none)
+  client_budget: jax.Array  # [N] int32: each client's budget index (budget_assignment='client')
+  hunters: jax.Array  # [H] int32: the stage-1 clients (H = 0 for PDST)
+  hunt_counts: jax.Array  # [H, L] int32: their uploaded masks' per-layer counts
+
+
+class FLASHBroadcast(NamedTuple):
+  """What the server sends the cohort."""
+  params: Any
+  learning_rate: jax.Array  # float32 scalar
+  masks: Any  # bool pytree, every leaf with a leading [B] budget axis
+  budget: jax.Array  # [K] int32: each cohort slot's budget index
+  nst: jax.Array  # bool scalar: clients prune and regrow this round
+
+
+class FLASHCarry(NamedTuple):
+  """A client's loop state."""
+  params: Any
+  opt_state: optax.OptState
+  mask: Any
+
+
+# --------------------------------------------------------------------------------------------------
+# The pieces, public for tests and reuse.
+
+
+def _prunable_sizes(params: Any, prunable: Any) -> list[int]:
+  return [int(np.prod(np.shape(w))) for w, f in zip(jax.tree.leaves(params),
+                                                     jax.tree.leaves(prunable)) if f]
+
+
+def _layer_vector(tree: Any, prunable: Any) -> jax.Array:
+  """The prunable leaves' scalars of a per-leaf tree as an ``[L]`` vector."""
+  return jnp.stack([x for x, f in zip(jax.tree.leaves(tree), jax.tree.leaves(prunable)) if f])
+
+
+def _layer_tree(vector: jax.Array, like: Any, prunable: Any) -> Any:
+  """An ``[L]`` vector back to a per-leaf tree of int32 scalars (0 at non-prunable leaves)."""
+  out, i = [], 0
+  for f in jax.tree.leaves(prunable):
+    out.append(vector[i] if f else jnp.zeros((), jnp.int32))
+    i += bool(f)
+  return jax.tree.unflatten(jax.tree.structure(like), out)
+
+
+def _ceil_count(x: jax.Array) -> jax.Array:
+  # ceil in float32 with a 1e-6 relative slack: 0.225 * 400 must prune 90, not 91.
+  return jnp.ceil(x - 1e-6 * jnp.maximum(x, 1.0)).astype(jnp.int32)
+
+
+def nst_prune_regrow(params: Any, mask: Any, rate: Any, prunable: Any, key: jax.Array
+                     ) -> tuple[Any, Any, Any]:
+  """One NST prune-and-regrow of a client (FLASH's epoch-end step).
+
+  Args:
+    params: the client's weights (0 outside ``mask``).
+    mask: its bool mask.
+    rate: the prune rate ``r`` (a float scalar, traced allowed).
+    prunable: the prunable flags.
+    key: PRNG key of the random regrowth.
+
+  Returns:
+    ``(params, mask, grown)``: every prunable layer dropped its ``ceil(r · nnz_l)``
+    smallest-``|w|`` active weights; their total regrew across the layers in proportion to each
+    layer's mean ``|w|`` over its active entries before the drop, capped at the layer's
+    inactive entries (`fedsparse.masks.apportion`), uniformly at random among them, at weight 0.
+    ``grown`` marks the regrown entries (their optimizer moments must be reset). The total
+    count is unchanged.
+  """
+  nnz = _layer_vector(masks.layer_count_tree(mask, prunable), prunable)
+  drop = jnp.minimum(_ceil_count(jnp.asarray(rate, jnp.float32) * nnz.astype(jnp.float32)), nnz)
+  mean_abs = jnp.stack([
+      jnp.sum(jnp.where(m, jnp.abs(w), 0.0)) / jnp.maximum(jnp.sum(m), 1).astype(jnp.float32)
+      for w, m, f in zip(jax.tree.leaves(params), jax.tree.leaves(mask), jax.tree.leaves(prunable))
+      if f])
+  kept = masks.prune_smallest(params, mask, _layer_tree(drop, params, prunable), prunable)
+  room = jnp.asarray(_prunable_sizes(params, prunable), jnp.int32) - (nnz - drop)
+  grow = masks.apportion(jnp.sum(drop), mean_abs, room)
+  new_mask, grown = masks.regrow(kept, _layer_tree(grow, params, prunable), prunable, key=key)
+  return masks.apply(masks.zero_regrown(params, grown), new_mask), new_mask, grown
+
+
+def hunted_counts(client_counts: jax.Array, sizes: Any, density: float) -> jax.Array:
+  """Stage 1's (and JMWST's) per-layer counts: the clients' mean count, rescaled to the budget.
+
+  Args:
+    client_counts: ``[C, L]`` per-layer counts of the clients' masks.
+    sizes: the ``L`` layer sizes ``n_l``.
+    density: ``d``.
+
+  Returns:
+    ``[L]`` int32 counts summing to ``K = floor(d · Σ n_l)``: in proportion to the mean counts
+    (``δ'_l = δ_l · ratio``), each at most ``n_l``, with what that cap cuts shared over the other
+    layers (`fedsparse.masks.apportion`).
+  """
+  sizes = [int(n) for n in sizes]
+  mean = jnp.mean(jnp.asarray(client_counts).astype(jnp.float32), axis=0)
+  return masks.apportion(masks.keep_count(density, sum(sizes)), mean,
+                         jnp.asarray(sizes, jnp.int32))
+
+
+def budget_masks(params: Any, mask: Any, fractions: tuple[float, ...], prunable: Any) -> Any:
+  """hetero-FLASH's budget masks: per layer the ``floor(β k_l)`` largest ``|w|`` of the mask.
+
+  Args:
+    params: the global weights.
+    mask: the global mask (``k_l`` entries per prunable layer).
+    fractions: the budgets ``β`` (1 gives ``mask`` itself).
+    prunable: the prunable flags.
+
+  Returns:
+    A bool pytree whose leaves have a leading ``[B]`` axis, one mask per budget (non-prunable
+    leaves all True).
+  """
+  counts = masks.layer_count_tree(mask, prunable)
+  out = []
+  for beta in fractions:
+    if beta == 1:
+      out.append(mask)
+      continue
+    # floor(β k) in float32 with the same slack as the ceil: 0.75 * 4 keeps 3.
+    ks = jax.tree.map(
+        lambda k: jnp.floor(beta * k.astype(jnp.float32) * (1 + 1e-6)).astype(jnp.int32), counts)
+    scores = jax.tree.map(lambda w, m: jnp.where(m, jnp.abs(w), -1.0), params, mask)
+    out.append(masks.layerwise_topk_traced(scores, prunable, ks))
+  return jax.tree.map(lambda *ms: jnp.stack(ms), *out)
+
+
+def slot_budgets(cohort_size: int, num_budgets: int) -> np.ndarray:
+  """The official code's budgets by cohort slot: slot ``i`` gets ``min(i // (K // B), B - 1)``."""
+  if cohort_size < num_budgets:
+    raise ValueError(f'budget_assignment=slot needs at least one cohort slot per budget: '
+                     f'{cohort_size} clients per round, {num_budgets} budgets.')
+  return np.minimum(np.arange(cohort_size) // (cohort_size // num_budgets),
+                    num_budgets - 1).astype(np.int32)
+
+
+def _client_budgets(key: jax.Array, num_clients: int, num_budgets: int) -> jax.Array:
+  """A balanced assignment of budgets to the population, in a seeded random order."""
+  position = jnp.argsort(jax.random.permutation(key, num_clients))
+  return jnp.minimum(position * num_budgets // num_clients, num_budgets - 1).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# The client.
+
+
+def _flash_program(apply_fn: Callable[..., jax.Array], local: LocalConfig, hp: FLASHConfig,
+                   prunable: Callable[..., bool]) -> ClientProgram:
+  """The client: SGD under its budget's mask, with NST's prune and regrow when ``shared.nst``."""
+
+  def make_optimizer(ctx):
+    return client_optimizer(local, ctx.shared.learning_rate,
+                            steps_per_epoch(ctx.client.size, local.batch_size))
+
+  def init(ctx, key):
+    del key
+    budget = ctx.shared.budget[ctx.client.slot]
+    mask = jax.tree.map(lambda m: m[budget], ctx.shared.masks)
+    params = masks.apply(ctx.shared.params, mask)
+    return FLASHCarry(params, make_optimizer(ctx).init(params), mask)
+
+  def prune_regrow(carry, ctx, steps_done, key):
+    rate = hp.prune_rate * (1.0 - steps_done.astype(jnp.float32)
+                            / jnp.maximum(ctx.client.num_steps, 1).astype(jnp.float32))
+    prunable_ = masks.prunable_leaves(carry.params, prunable)
+    params, mask, grown = nst_prune_regrow(carry.params, carry.mask, rate, prunable_, key)
+    opt_state = masks.reset_moments(make_optimizer(ctx), carry.opt_state, grown)
+    return FLASHCarry(params, opt_state, mask)
+
+  def update(carry, grads, ctx, info, key):
+    updates, opt_state = make_optimizer(ctx).update(grads.params, carry.opt_state, carry.params)
+    params = optax.apply_updates(carry.params, updates)
+    if hp.mask_enforcement == 'step':
+      params = masks.apply(params, carry.mask)
+    carry = FLASHCarry(params, opt_state, carry.mask)
+    if local.num_epochs == 1:
+      # One local epoch has no epoch boundary to prune at: the official code prunes once, after
+      # the step in the middle of the client's run.
+      mid = ctx.shared.nst & (info.step_in_epoch == ctx.client.steps_per_epoch // 2)
+      carry = jax.lax.cond(mid, lambda c: prune_regrow(c, ctx, info.step + 1, key),
+                           lambda c: c, carry)
+    return carry
+
+  def epoch_end(carry, ctx, info, key):
+    steps_done = (info.epoch + 1) * ctx.client.steps_per_epoch
+    # A cond, not a select: the ranking sorts every layer, which skipped epochs need not pay.
+    return jax.lax.cond(ctx.shared.nst & ~info.last,
+                        lambda c: prune_regrow(c, ctx, steps_done, key), lambda c: c, carry)
+
+  def final(carry, ctx, key):
+    del ctx, key
+    return masks.apply(carry.params, carry.mask), carry.mask
+
+  transform = (masked_transform(lambda carry, ctx: carry.mask)
+               if hp.mask_enforcement == 'forward' else identity_transform)
+  return ClientProgram(init=init, trainable=lambda carry: carry.params, transform=transform,
+                       loss=supervised_loss(apply_fn), update=update, final=final,
+                       epoch_end=None if local.num_epochs == 1 else epoch_end)
+
+
+def _prunable_predicate(hp: FLASHConfig, prunable: Callable[..., bool] | None
+                        ) -> Callable[[tuple[str, ...], Any], bool]:
+  base = prunable or masks.default_prunable
+  patterns = [re.compile(p) for p in hp.exclude_patterns]
+
+  def predicate(path, leaf):
+    return base(path, leaf) and not any(p.search('/'.join(path)) for p in patterns)
+  return predicate
+
+
+# --------------------------------------------------------------------------------------------------
+# The algorithm.
+
+
+def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: LocalConfig,
+          learning_rate: float, lr_decay: float = 1.0,
+          server_optimizer: optax.GradientTransformation | None = None,
+          mapping: ClientMapping = ClientMapping(),
+          prunable: Callable[..., bool] | None = None, **hparams: Any) -> Algorithm:
+  """FLASH (Babakniya et al., TMLR 2023): SPDST, JMWST, hetero-FLASH and PDST.
+
+  Args:
+    apply_fn: the flax ``Module.apply`` of the model.
+    cohort: cohort size, sampling and aggregation weighting (``weighted=False``: the paper).
+    local: local training settings (plain SGD in the paper).
+    learning_rate: client learning rate at round 0 (also stage 1's).
+    lr_decay: per-round decay of the client learning rate.
+    server_optimizer: must be None: FLASH averages weights (no server step).
+    mapping: how clients are mapped (stage 1 too).
+    prunable: optional predicate ``(path, leaf) -> bool`` of the prunable leaves (default: conv
+      and dense kernels), before ``exclude_layers``.
+    **hparams: the fields of :class:`FLASHConfig`.
+
+  Returns:
+    An :class:`~fedsparse.engine.Algorithm` with :class:`FLASHState`.
+  """
+  hp = FLASHConfig(**hparams)
+  if server_optimizer is not None:
+    raise ValueError('FLASH averages the clients\' weights and has no server optimizer; pass '
+                     'server_optimizer=None.')
+  if not learning_rate > 0 or learning_rate == float('inf'):
+    raise ValueError(f'learning_rate must be positive and finite, got {learning_rate}.')
+  if not 0 < lr_decay <= 1:
+    raise ValueError(f'lr_decay must be in (0, 1], got {lr_decay}.')
+  fractions = hp.budget_fractions
+  k = cohort.clients_per_round
+  by_slot = None
+  if hp.hetero and hp.budget_assignment == 'slot':
+    by_slot = slot_budgets(k, len(fractions))
+  predicate = _prunable_predicate(hp, prunable)
+  program = _flash_program(apply_fn, local, hp, predicate)
+  hunt_local = dataclasses.replace(local, local_epochs=hp.hunt_epochs, local_steps=0)
+  hunt_program = _flash_program(apply_fn, hunt_local, hp, predicate)
+
+  def layout(params):
+    prunable_ = masks.prunable_leaves(params, predicate)
+    sizes = _prunable_sizes(params, prunable_)
+    dense = sum(int(np.prod(np.shape(w))) for w, f in zip(jax.tree.leaves(params),
+                                                            jax.tree.leaves(prunable_)) if not f)
+    return prunable_, sizes, dense
+
+  def hunt(params, start, hunters, keys, data):
+    """Stage 1: the hunters' NST from the start mask; their masks' per-layer counts [H, L]."""
+    prunable_ = masks.prunable_leaves(params, predicate)
+    shared = FLASHBroadcast(params, jnp.float32(learning_rate),
+                            jax.tree.map(lambda m: m[None], start),
+                            jnp.zeros((hunters.shape[0],), jnp.int32), jnp.bool_(True))
+    result = run_clients(hunt_program, shared, hunters, keys, data, hunt_local, mapping)
+    _, client_masks = result.outputs
+    counts = jax.vmap(lambda m: _layer_vector(masks.layer_count_tree(m, prunable_), prunable_))
+    return counts(client_masks)
+
+  hunt_jit = jit(hunt, batched_clients=mapping.batches_clients)
+
+  def init(key: jax.Array, params: Any, data: FederatedData | None = None) -> FLASHState:
+    if data is None:
+      raise ValueError('FLASH.init needs the federated data: stage 1 trains on it, and the '
+                       'server tracks which mask every client of the population holds.')
+    prunable_, sizes, _ = layout(params)
+    total = masks.keep_count(hp.density, sum(sizes))
+    if total < 1:
+      raise ValueError(f'density {hp.density} keeps no weight of the {sum(sizes)} prunable ones; '
+                       f'use at least {1 / sum(sizes):.2g}.')
+    n = data.num_clients
+    start_key, hunter_key, client_key, final_key, budget_key = jax.random.split(key, 5)
+    start = masks.random_mask(start_key, params, prunable_, hp.density, 'layerwise', 'uniform')
+    if hp.mode == 'pdst':
+      mask = start
+      hunters = jnp.zeros((0,), jnp.int32)
+      hunt_counts = jnp.zeros((0, len(sizes)), jnp.int32)
+    else:
+      num_hunters = max(int(math.floor(hp.hunt_fraction * n + 1e-9)), 1)
+      hunters = jax.random.permutation(hunter_key, n)[:num_hunters].astype(jnp.int32)
+      keys = jax.random.split(client_key, num_hunters)
+      # Under a trace (the run loop's eval_shape check) the caller compiles: no nested options.
+      traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, key)))
+      hunt_counts = (hunt if traced else hunt_jit)(params, start, hunters, keys, data)
+      counts = hunted_counts(hunt_counts, sizes, hp.density)
+      empty = jax.tree.map(lambda m, f: jnp.zeros_like(m) if f else m, start, prunable_)
+      mask, _ = masks.regrow(empty, _layer_tree(counts, params, prunable_), prunable_,
+                             key=final_key)
+    # PDST's mask comes from the shared seed (every client holds it); a hunted one must travel.
+    held = 0 if hp.mode == 'pdst' else -1
+    budgets = (_client_budgets(budget_key, n, len(fractions)) if hp.hetero
+               else jnp.zeros((n,), jnp.int32))
+    return FLASHState(params=masks.apply(params, mask), mask=mask,
+                      round=jnp.zeros((), jnp.int32), mask_version=jnp.zeros((), jnp.int32),
+                      client_mask_version=jnp.full((n,), held, jnp.int32),
+                      client_budget=budgets, hunters=hunters, hunt_counts=hunt_counts)
+
+  def round_fn(state: FLASHState, data: FederatedData, key: jax.Array
+               ) -> tuple[FLASHState, dict[str, jax.Array]]:
+    prunable_, sizes, dense = layout(state.params)
+    drawn = draw_cohort(key, data.num_clients, cohort)
+    lr = client_learning_rate(learning_rate, lr_decay, state.round)
+    nst = jnp.bool_(hp.mode == 'jmwst') & (state.round % hp.mask_interval == 0)
+    stacked = budget_masks(state.params, state.mask, fractions, prunable_)
+    budget = (jnp.asarray(by_slot) if by_slot is not None
+              else state.client_budget[drawn.clients])
+    shared = FLASHBroadcast(state.params, lr, stacked, budget, nst)
+    result = run_clients(program, shared, drawn.clients, drawn.keys, data, local, mapping)
+    client_params, client_masks = result.outputs
+
+    weights = aggregation_weights(data.client_size[drawn.clients], cohort.weighted)
+    if hp.aggregation == 'mean':
+      averaged = weighted_mean(client_params, weights)
+    else:
+      averaged = masks.masked_weighted_mean(client_params, client_masks, weights)
+
+    def layer_counts(m):
+      return _layer_vector(masks.layer_count_tree(m, prunable_), prunable_)
+
+    up_counts = jax.vmap(layer_counts)(client_masks)  # [K, L]
+
+    def rebuild():
+      counts = hunted_counts(up_counts, sizes, hp.density)
+      return masks.layerwise_topk_traced(jax.tree.map(jnp.abs, averaged), prunable_,
+                                         _layer_tree(counts, averaged, prunable_))
+
+    mask = jax.lax.cond(nst, rebuild, lambda: state.mask)
+    params = masks.apply(averaged, mask)
+    changed = sum(jnp.sum(m != old) for m, old in zip(jax.tree.leaves(mask),
+                                                      jax.tree.leaves(state.mask))) > 0
+
+    # Bits: values in jit; mask messages (counts + enumerative code) on the host.
+    down_counts = jax.vmap(layer_counts)(stacked)[budget]  # [K, L]
+    full = budget == len(fractions) - 1
+    stale = state.client_mask_version[drawn.clients] != state.mask_version
+    down_sent = jnp.where(full, stale, True)
+    up_sent = jnp.broadcast_to(nst, (k,))
+    values_up = comm.FLOAT_BITS * (jnp.sum(up_counts, axis=1) + dense)
+    values_down = comm.FLOAT_BITS * (jnp.sum(down_counts, axis=1) + dense)
+    # The largest message: every value, and a mask costs at most a bitmap plus its counts.
+    comm.check_int32(comm.FLOAT_BITS * (sum(sizes) + dense) + sum(sizes)
+                     + comm.counted_mask_bits(sizes, sizes))
+    # Clients that downloaded the full mask now hold its version (a smaller budget's mask is
+    # derived anew every round, so holding it is never enough).
+    got = jnp.where(full, state.mask_version, state.client_mask_version[drawn.clients])
+    client_version = state.client_mask_version.at[drawn.clients].set(got)
+    n = data.num_clients
+    metrics = {
+        'train_loss': jnp.sum(weights * result.loss), 'client_loss': result.loss,
+        'clients': drawn.clients, 'padding_ratio': result.padding_ratio,
+        'bits_up': values_up.astype(jnp.int32), 'bits_down': values_down.astype(jnp.int32),
+        'bits_up_all': jnp.zeros((n,), jnp.int32), 'bits_down_all': jnp.zeros((n,), jnp.int32),
+        'density': masks.density(mask, prunable_),
+        'mask_turnover': (sum(jnp.sum(m & ~old, dtype=jnp.int32) for m, old in zip(
+            jax.tree.leaves(mask), jax.tree.leaves(state.mask))).astype(jnp.float32)
+                          / jnp.maximum(masks.count(state.mask, prunable_), 1).astype(
+                              jnp.float32)),
+        'payload_sizes': jnp.asarray(sizes, jnp.int32),
+        'payload_up_counts': up_counts, 'payload_up_sent': up_sent,
+        'payload_down_counts': down_counts, 'payload_down_sent': down_sent,
+        'payload_hunt': state.round == 0, 'payload_hunters': state.hunters,
+        'payload_hunt_counts': state.hunt_counts,
+    }
+    new_state = state._replace(params=params, mask=mask, round=state.round + 1,
+                               mask_version=state.mask_version + changed.astype(jnp.int32),
+                               client_mask_version=client_version)
+    return new_state, metrics
+
+  def host_bits(metrics: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    sizes = [int(s) for s in metrics['payload_sizes']]
+
+    def message(counts):
+      return comm.counted_mask_bits(sizes, [int(c) for c in counts])
+
+    up = np.array([message(c) if s else 0 for c, s in zip(metrics['payload_up_counts'],
+                                                         metrics['payload_up_sent'])], np.int64)
+    down = np.array([message(c) if s else 0 for c, s in zip(metrics['payload_down_counts'],
+                                                           metrics['payload_down_sent'])],
+                    np.int64)
+    up_all = np.zeros(np.shape(metrics['bits_up_all']), np.int64)
+    if bool(metrics['payload_hunt']):
+      for client, counts in zip(metrics['payload_hunters'], metrics['payload_hunt_counts']):
+        up_all[int(client)] += message(counts)
+    return {'bits_up': up, 'bits_down': down, 'bits_up_all': up_all}
+
+  def eval_variants(state: FLASHState, key: jax.Array) -> dict[str, Any]:
+    del key
+    if len(fractions) == 1:
+      return {}
+    prunable_ = masks.prunable_leaves(state.params, predicate)
+    stacked = budget_masks(state.params, state.mask, fractions, prunable_)
+    return {f'budget_{beta:g}': masks.apply(state.params, jax.tree.map(lambda m: m[i], stacked))
+            for i, beta in enumerate(fractions[:-1])}
+
+  return Algorithm(init=init, round=round_fn, eval_params=lambda state, key: state.params,
+                   host_bits=host_bits, eval_variants=eval_variants)
+
+
+def _check_run(hp: FLASHConfig, config: Any) -> None:
+  if config.server_optimizer == 'momentum' or config.server_learning_rate != 1.0:
+    raise ValueError('FLASH averages weights and has no server optimizer: use '
+                     'server_optimizer=auto or sgd with server_learning_rate=1.0, got '
+                     f'{config.server_optimizer!r} with {config.server_learning_rate}.')
+  if hp.hetero and hp.budget_assignment == 'slot':
+    slot_budgets(config.clients_per_round, len(hp.budget_fractions))
+
+
+def _build(hp: FLASHConfig, common: registry.Common) -> Algorithm:
+  kwargs = common.kwargs()
+  kwargs['server_optimizer'] = None  # plain averaging: _check_run refused anything else
+  return flash(common.apply_fn, **kwargs, **dataclasses.asdict(hp))
+
+
+registry.register(registry.Spec(
+    name='flash', hparams=FLASHConfig, check=_check_run, build=_build,
+    summary='FLASH (Babakniya et al., 2023): sparsity hunting -- SPDST, JMWST, hetero, PDST'))
