@@ -457,7 +457,10 @@ def _run_rounds(exp: Experiment, workdir: pathlib.Path, saved: dict[str, Any],
                  'most %d examples.', config.batch_size, info.max_size, info.max_size)
 
   with contextlib.ExitStack() as stack:
-    state = exp.algorithm.init(_algorithm_key(config.seed), exp.params, exp.data)
+    init_args = (_algorithm_key(config.seed), exp.params, exp.data)
+    # A resume restores into the state's shapes: no need to redo init's work (FLASH's stage 1).
+    state = (jax.eval_shape(exp.algorithm.init, *init_args) if start_round
+             else exp.algorithm.init(*init_args))
     cum = np.zeros(2, np.int64)  # bits up, bits down: the true totals, checkpointed with the state
     manager = None
     if config.checkpoint_every or start_round:

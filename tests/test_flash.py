@@ -1,6 +1,7 @@
 """FLASH: apportionment, stage-1 densities, NST and budget masks by hand, a round against a hand
 loop for clients of different sizes, exact counts and bits every round, runs, bad input."""
 
+import functools
 import importlib
 import math
 
@@ -27,6 +28,7 @@ SIZES = [128, 24]  # init_params' prunable kernels: hidden 16x8, out 8x3
 DENSE = 11  # their biases
 
 
+@functools.lru_cache(maxsize=None)  # one algorithm per setting: its jitted pieces compile once
 def make_flash(mode='jmwst', clients_per_round=3, mapping=engine.ClientMapping('sequential'),
                local_epochs=2, momentum=0.0, weighted=False, **hparams):
   local = engine.LocalConfig(batch_size=4, local_epochs=local_epochs, momentum=momentum)
@@ -249,12 +251,17 @@ def hand_client(params, mask, fd, local, key, client, nst):
   assert total == spe * local.local_epochs
   streams = engine.client_streams(key)
   events = []
-  for step, idx in enumerate(batches):
-    batch = engine.gather_batch(fd, jnp.asarray(idx), jnp.ones(len(idx), bool))
+
+  @jax.jit
+  def sgd_step(p, s, mask, idx):
+    batch = engine.gather_batch(fd, idx, jnp.ones(idx.shape, bool))
     loss = lambda q: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
         mlp_apply({'params': q}, batch.x), batch.y))
     u, s = opt.update(jax.grad(loss)(p), s, p)
-    p = masks.apply(optax.apply_updates(p, u), mask)
+    return masks.apply(optax.apply_updates(p, u), mask), s
+
+  for step, idx in enumerate(batches):
+    p, s = sgd_step(p, s, mask, jnp.asarray(idx))
     epoch, within = divmod(step, spe)
     prune_key = None
     if local.local_epochs == 1 and within == spe // 2:
@@ -277,7 +284,7 @@ def top_k_by_hand(x, k):
 
 
 @pytest.mark.parametrize('local_epochs, aggregation, momentum', [
-    (1, 'mean', 0.0), (3, 'mean', 0.0), (3, 'masked_mean', 0.9), (2, 'masked_mean', 0.0)])
+    (1, 'mean', 0.0), (3, 'masked_mean', 0.9)])
 def test_jmwst_round_matches_a_hand_written_loop(local_epochs, aggregation, momentum):
   fd = tiny_federated(num_clients=6)
   sizes = np.asarray(fd.client_size)
@@ -430,8 +437,9 @@ def masks_of(params):
   return jax.tree.map(lambda w: w != 0, params)
 
 
-@pytest.mark.parametrize('mapping', STRATEGY_MAPPINGS)
+@pytest.mark.parametrize('mapping', [m for m in STRATEGY_MAPPINGS if m.batches_clients])
 def test_strategies_agree(mapping):
+  # The reference runs clients one after another; the batched strategies must agree with it.
   fd = tiny_federated(num_clients=6)
   ref = make_flash('jmwst')
   alg = make_flash('jmwst', mapping=mapping)

@@ -78,10 +78,7 @@ def fedavg_round_core(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfi
   Args: as :func:`fedavg`, plus ``enforce``: how a mask is enforced during local training (see
   `fedsparse.engine.ENFORCEMENTS`).
   """
-  if not learning_rate > 0 or learning_rate == float('inf'):
-    raise ValueError(f'learning_rate must be positive and finite, got {learning_rate}.')
-  if not 0 < lr_decay <= 1:
-    raise ValueError(f'lr_decay must be in (0, 1], got {lr_decay}.')
+  registry.check_learning_rates(learning_rate, lr_decay)
   server_optimizer = server_optimizer or optax.sgd(1.0)
   dense_program = sgd_client(apply_fn, local)
   masked_program = sgd_client(apply_fn, local, enforce=enforce)

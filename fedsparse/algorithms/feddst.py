@@ -112,7 +112,7 @@ from fedsparse.algorithms.fedavg import client_learning_rate
 from fedsparse.data import FederatedData
 from fedsparse.engine import (ENFORCEMENTS, Algorithm, ClientMapping, ClientProgram, CohortConfig,
                               LocalConfig, aggregation_weights, client_optimizer, draw_cohort,
-                              identity_transform, masked_transform, run_clients, steps_per_epoch,
+                              enforcement_transform, run_clients, steps_per_epoch,
                               supervised_loss)
 
 __all__ = ['INITIAL_MASKS', 'FedDSTBroadcast', 'FedDSTCarry', 'FedDSTConfig', 'FedDSTState',
@@ -122,14 +122,8 @@ __all__ = ['INITIAL_MASKS', 'FedDSTBroadcast', 'FedDSTCarry', 'FedDSTConfig', 'F
 INITIAL_MASKS = ('magnitude', 'random')
 
 
-def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
-  if value not in valid:
-    raise ValueError(f'Unknown {name} {value!r}; valid: {", ".join(valid)}.')
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < low:
-    raise ValueError(f'{name} must be an integer >= {low}, got {value!r}.')
+_check = registry.check_choice
+_check_int = registry.check_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,8 +345,7 @@ def _feddst_program(apply_fn: Callable[..., jax.Array], local: LocalConfig, hp: 
     del ctx, key
     return masks.apply(carry.params, carry.mask), carry.mask
 
-  transform = (masked_transform(lambda carry, ctx: carry.mask)
-               if hp.mask_enforcement == 'forward' else identity_transform)
+  transform = enforcement_transform(hp.mask_enforcement, lambda carry, ctx: carry.mask)
   return ClientProgram(init=init, trainable=lambda carry: carry.params, transform=transform,
                        loss=supervised_loss(apply_fn), update=update, final=final,
                        epoch_end=epoch_end)
@@ -383,13 +376,8 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
     An :class:`~fedsparse.engine.Algorithm` with :class:`FedDSTState`.
   """
   hp = FedDSTConfig(**hparams)
-  if server_optimizer is not None:
-    raise ValueError('FedDST averages the clients\' weights entry by entry and has no server '
-                     'optimizer; pass server_optimizer=None.')
-  if not learning_rate > 0 or learning_rate == float('inf'):
-    raise ValueError(f'learning_rate must be positive and finite, got {learning_rate}.')
-  if not 0 < lr_decay <= 1:
-    raise ValueError(f'lr_decay must be in (0, 1], got {lr_decay}.')
+  registry.check_weight_averaging('FedDST', server_optimizer)
+  registry.check_learning_rates(learning_rate, lr_decay)
   end = hp.readjust_end
   if hp.readjust_every > 0 and end == 0:
     if num_rounds is None:
@@ -508,10 +496,7 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
 
 
 def _check_run(hp: Any, config: Any) -> None:
-  if config.server_optimizer == 'momentum' or config.server_learning_rate != 1.0:
-    raise ValueError('FedDST averages weights entry by entry and has no server optimizer: use '
-                     'server_optimizer=auto or sgd with server_learning_rate=1.0, got '
-                     f'{config.server_optimizer!r} with {config.server_learning_rate}.')
+  registry.check_weight_averaging('FedDST', config=config)
   epochs = 1 if config.local_steps > 0 else config.local_epochs
   if getattr(hp, 'readjust_epoch', -1) >= epochs:
     raise ValueError(f'feddst.readjust_epoch must be -1 (the last) or below the {epochs} local '

@@ -122,7 +122,7 @@ from fedsparse.algorithms.fedavg import client_learning_rate
 from fedsparse.data import FederatedData
 from fedsparse.engine import (ENFORCEMENTS, Algorithm, ClientMapping, ClientProgram, CohortConfig,
                               LocalConfig, aggregation_weights, client_optimizer, draw_cohort,
-                              identity_transform, jit, masked_transform, run_clients,
+                              enforcement_transform, jit, run_clients,
                               steps_per_epoch, supervised_loss, weighted_mean)
 
 __all__ = ['AGGREGATIONS', 'BUDGET_ASSIGNMENTS', 'MODES', 'FLASHBroadcast', 'FLASHCarry',
@@ -134,14 +134,8 @@ AGGREGATIONS = ('mean', 'masked_mean')
 BUDGET_ASSIGNMENTS = ('client', 'slot')
 
 
-def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
-  if value not in valid:
-    raise ValueError(f'Unknown {name} {value!r}; valid: {", ".join(valid)}.')
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < low:
-    raise ValueError(f'{name} must be an integer >= {low}, got {value!r}.')
+_check = registry.check_choice
+_check_int = registry.check_int
 
 
 def _fraction(name: str, value: Any, closed: bool) -> None:
@@ -430,8 +424,7 @@ def _flash_program(apply_fn: Callable[..., jax.Array], local: LocalConfig, hp: F
     del ctx, key
     return masks.apply(carry.params, carry.mask), carry.mask
 
-  transform = (masked_transform(lambda carry, ctx: carry.mask)
-               if hp.mask_enforcement == 'forward' else identity_transform)
+  transform = enforcement_transform(hp.mask_enforcement, lambda carry, ctx: carry.mask)
   return ClientProgram(init=init, trainable=lambda carry: carry.params, transform=transform,
                        loss=supervised_loss(apply_fn), update=update, final=final,
                        epoch_end=None if local.num_epochs == 1 else epoch_end)
@@ -474,13 +467,8 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
     An :class:`~fedsparse.engine.Algorithm` with :class:`FLASHState`.
   """
   hp = FLASHConfig(**hparams)
-  if server_optimizer is not None:
-    raise ValueError('FLASH averages the clients\' weights and has no server optimizer; pass '
-                     'server_optimizer=None.')
-  if not learning_rate > 0 or learning_rate == float('inf'):
-    raise ValueError(f'learning_rate must be positive and finite, got {learning_rate}.')
-  if not 0 < lr_decay <= 1:
-    raise ValueError(f'lr_decay must be in (0, 1], got {lr_decay}.')
+  registry.check_weight_averaging('FLASH', server_optimizer)
+  registry.check_learning_rates(learning_rate, lr_decay)
   fractions = hp.budget_fractions
   k = cohort.clients_per_round
   by_slot = None
@@ -649,10 +637,7 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
 
 
 def _check_run(hp: FLASHConfig, config: Any) -> None:
-  if config.server_optimizer == 'momentum' or config.server_learning_rate != 1.0:
-    raise ValueError('FLASH averages weights and has no server optimizer: use '
-                     'server_optimizer=auto or sgd with server_learning_rate=1.0, got '
-                     f'{config.server_optimizer!r} with {config.server_learning_rate}.')
+  registry.check_weight_averaging('FLASH', config=config)
   if hp.hetero and hp.budget_assignment == 'slot':
     slot_budgets(config.clients_per_round, len(hp.budget_fractions))
 

@@ -24,7 +24,8 @@ import optax
 
 from fedsparse.engine import Algorithm, ClientMapping, CohortConfig, LocalConfig
 
-__all__ = ['Common', 'Spec', 'get', 'names', 'register']
+__all__ = ['Common', 'Spec', 'check_choice', 'check_int', 'check_learning_rates',
+           'check_weight_averaging', 'get', 'names', 'register']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,3 +114,46 @@ def get(name: str) -> Spec:
   if name not in _REGISTRY:
     raise ValueError(f'Unknown algorithm {name!r}; valid: {", ".join(_REGISTRY)}.')
   return _REGISTRY[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks the algorithm modules share (hyperparameter dataclasses and factories).
+
+
+def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+  """Raises unless ``value`` is one of ``valid``, naming the valid choices."""
+  if value not in valid:
+    raise ValueError(f'Unknown {name} {value!r}; valid: {", ".join(valid)}.')
+
+
+def check_int(name: str, value: Any, low: int) -> None:
+  """Raises unless ``value`` is an int (not a bool) of at least ``low``."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f'{name} must be an integer >= {low}, got {value!r}.')
+
+
+def check_learning_rates(learning_rate: float, lr_decay: float) -> None:
+  """Raises unless the client learning rate is positive and finite and its decay in (0, 1]."""
+  if not learning_rate > 0 or learning_rate == float('inf'):
+    raise ValueError(f'learning_rate must be positive and finite, got {learning_rate}.')
+  if not 0 < lr_decay <= 1:
+    raise ValueError(f'lr_decay must be in (0, 1], got {lr_decay}.')
+
+
+def check_weight_averaging(paper: str, server_optimizer: Any = None, config: Any = None) -> None:
+  """Raises for a server optimizer given to an algorithm that averages weights entry by entry.
+
+  Args:
+    paper: the algorithm's name for the message.
+    server_optimizer: the factory's argument (must be None), or
+    config: a run config, whose ``server_optimizer`` must be ``auto`` or ``sgd`` at
+      ``server_learning_rate=1.0``.
+  """
+  if server_optimizer is not None:
+    raise ValueError(f'{paper} averages the clients\' weights and has no server optimizer; pass '
+                     'server_optimizer=None.')
+  if config is not None and (config.server_optimizer == 'momentum'
+                             or config.server_learning_rate != 1.0):
+    raise ValueError(f'{paper} averages weights and has no server optimizer: use '
+                     'server_optimizer=auto or sgd with server_learning_rate=1.0, got '
+                     f'{config.server_optimizer!r} with {config.server_learning_rate}.')

@@ -4,9 +4,8 @@ from fedsparse.engine.algorithm import Algorithm
 from fedsparse.engine.client import (ENFORCEMENTS, Broadcast, ClientInfo, ClientProgram,
                                      CohortResult, Context, EpochInfo, Gradients, SGDState,
                                      StepInfo, bernoulli_mask, client_minibatches, client_streams,
-                                     identity_transform,
-                                     masked_transform, run_clients, sgd_client,
-                                     supervised_loss)
+                                     enforcement_transform, identity_transform, masked_transform,
+                                     run_clients, sgd_client, supervised_loss)
 from fedsparse.engine.cohort import (Cohort, CohortConfig, aggregation_weights, draw_cohort,
                                      sample_cohort, server_key, weighted_mean)
 from fedsparse.engine.compilation import CPU_COMPILER_OPTIONS, compiler_options, jit
@@ -23,9 +22,9 @@ __all__ = [
     'Algorithm', 'Batch', 'Broadcast', 'ClientInfo', 'ClientMapping', 'ClientProgram', 'Cohort',
     'CohortConfig', 'CohortResult', 'Context', 'EpochInfo', 'Gradients', 'LocalConfig',
     'SGDState', 'StepInfo', 'StepSlice', 'aggregation_weights', 'bernoulli_mask',
-    'client_minibatches', 'client_optimizer', 'client_streams', 'client_steps', 'compiler_options', 'computed_iterations',
-    'cross_entropy', 'default_strategy', 'draw_cohort', 'example_orders', 'gather_batch',
-    'host_minibatches', 'identity_transform', 'jit', 'make_evaluator', 'map_clients',
+    'client_minibatches', 'client_optimizer', 'client_streams', 'client_steps',
+    'compiler_options', 'computed_iterations', 'cross_entropy', 'default_strategy',
+    'draw_cohort', 'enforcement_transform', 'example_orders', 'gather_batch', 'host_minibatches', 'identity_transform', 'jit', 'make_evaluator', 'map_clients',
     'masked_transform', 'run_clients', 'sample_cohort', 'server_key', 'sgd_client', 'step_slice',
     'steps_per_epoch', 'sum_clients', 'supervised_loss', 'weighted_mean',
 ]

@@ -82,6 +82,7 @@ __all__ = [
     'bernoulli_mask',
     'client_minibatches',
     'client_streams',
+    'enforcement_transform',
     'identity_transform',
     'masked_transform',
     'run_clients',
@@ -192,6 +193,16 @@ def masked_transform(mask_of: Callable[[Any, Context], Any]
     del key
     return masks_lib.apply(trainable, mask_of(carry, ctx))
   return transform
+
+
+def enforcement_transform(enforce: str | None, mask_of: Callable[[Any, Context], Any]
+                          ) -> Callable[[Any, Any, Context, jax.Array], Any]:
+  """The transform of a mask enforcement (`ENFORCEMENTS`): ``w ⊙ m`` for ``'forward'``.
+
+  ``'step'`` (re-mask after every update, which the program's ``update`` does) and ``None``
+  (dense) compute the loss on the weights as they are.
+  """
+  return masked_transform(mask_of) if enforce == 'forward' else identity_transform
 
 
 @jax.custom_vjp
@@ -462,7 +473,6 @@ def sgd_client(apply_fn: Callable[..., jax.Array], local: LocalConfig, *,
     del key
     return jax.tree.map(jnp.subtract, carry.params, ctx.shared.params)
 
-  transform = (masked_transform(lambda carry, ctx: ctx.shared.mask) if enforce == 'forward'
-               else identity_transform)
+  transform = enforcement_transform(enforce, lambda carry, ctx: ctx.shared.mask)
   return ClientProgram(init=init, trainable=lambda carry: carry.params, transform=transform,
                        loss=loss or supervised_loss(apply_fn), update=update, final=final)
