@@ -223,7 +223,7 @@ def test_pdst_is_a_uniform_static_mask_from_the_seed():
   alg = make_flash('pdst')
   state = alg.init(jax.random.key(0), init_params(), fd)
   assert layer_counts(state.mask) == [32, 6]
-  assert state.hunters.shape == (0,)
+  assert state.hunters.tolist() == [-1]  # no hunters
   assert np.all(np.asarray(state.client_mask_version) == 0)  # nothing to download
   mask0 = state.mask
   for t in range(3):
@@ -503,6 +503,23 @@ def test_run_bits_budgets_and_resume(tmp_path):
   for row in full[1::2]:
     for name in ('budget_0.5', 'budget_0.75'):
       assert 0 <= row[f'{name}/test_accuracy'] <= 1
+
+
+def test_pdst_run_checkpoints_and_its_bits_are_static(tmp_path):
+  config = load_config('mnist_flash')
+  config.dataset, config.model = 'digits', 'mlp'
+  config.flash.exclude_layers, config.flash.mode = '^Dense_1/', 'pdst'
+  config.num_rounds, config.checkpoint_every = 2, 1
+  train.run(config, tmp_path / 'run')
+  exp = train.build_experiment(config)
+  prunable = masks.prunable_leaves(exp.params, lambda path, leaf: masks.default_prunable(
+      path, leaf) and path[0] != 'Dense_1')
+  leaves, flags = jax.tree.leaves(exp.params), jax.tree.leaves(prunable)
+  kept = sum(masks.keep_count(config.flash.density, w.size) for w, f in zip(leaves, flags) if f)
+  dense = sum(w.size for w, f in zip(leaves, flags) if not f)
+  for row in read_rows(tmp_path / 'run'):
+    assert row['bits_up'] == row['bits_down'] == 32 * (kept + dense) * config.clients_per_round
+  assert (tmp_path / 'run' / train.CHECKPOINT_DIR).is_dir()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -232,7 +232,7 @@ class FLASHState(NamedTuple):
   mask_version: jax.Array  # int32: how many times the global mask has changed since stage 1
   client_mask_version: jax.Array  # [N] int32: the version each client holds (-1: none)
   client_budget: jax.Array  # [N] int32: each client's budget index (budget_assignment='client')
-  hunters: jax.Array  # [H] int32: the stage-1 clients (H = 0 for PDST)
+  hunters: jax.Array  # [H] int32: the stage-1 clients (PDST: [-1], none)
   hunt_counts: jax.Array  # [H, L] int32: their uploaded masks' per-layer counts
 
 
@@ -513,8 +513,9 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
     start = masks.random_mask(start_key, params, prunable_, hp.density, 'layerwise', 'uniform')
     if hp.mode == 'pdst':
       mask = start
-      hunters = jnp.zeros((0,), jnp.int32)
-      hunt_counts = jnp.zeros((0, len(sizes)), jnp.int32)
+      # No hunters: one placeholder row with id -1 (checkpoints cannot hold empty arrays).
+      hunters = jnp.full((1,), -1, jnp.int32)
+      hunt_counts = jnp.zeros((1, len(sizes)), jnp.int32)
     else:
       num_hunters = max(int(math.floor(hp.hunt_fraction * n + 1e-9)), 1)
       hunters = jax.random.permutation(hunter_key, n)[:num_hunters].astype(jnp.int32)
@@ -620,7 +621,8 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
     up_all = np.zeros(np.shape(metrics['bits_up_all']), np.int64)
     if bool(metrics['payload_hunt']):
       for client, counts in zip(metrics['payload_hunters'], metrics['payload_hunt_counts']):
-        up_all[int(client)] += message(counts)
+        if client >= 0:  # -1: PDST's placeholder
+          up_all[int(client)] += message(counts)
     return {'bits_up': up, 'bits_down': down, 'bits_up_all': up_all}
 
   def eval_variants(state: FLASHState, key: jax.Array) -> dict[str, Any]:
