@@ -67,6 +67,7 @@ __all__ = [
     'SCOPES',
     'prunable_leaves',
     'default_prunable',
+    'leaf_paths',
     'ones_like',
     'apply',
     'count',
@@ -267,11 +268,17 @@ def prunable_leaves(params: Any,
     ValueError: when no leaf is prunable (a sparsity budget would then mean nothing).
   """
   predicate = default_prunable if predicate is None else predicate
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
-  flags = [bool(predicate(tuple(_key_str(k) for k in path), leaf)) for path, leaf in with_path]
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  flags = [bool(predicate(path, leaf)) for path, leaf in zip(leaf_paths(params), leaves)]
   if not any(flags):
     raise ValueError('No prunable leaf: the predicate selected none of the parameters.')
   return jax.tree_util.tree_unflatten(treedef, flags)
+
+
+def leaf_paths(params: Any) -> list[tuple[str, ...]]:
+  """Every leaf's path as a tuple of strings (``('Conv_0', 'kernel')``), in leaf order."""
+  return [tuple(_key_str(k) for k in path)
+          for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def ones_like(params: Any) -> Any:

@@ -143,6 +143,42 @@ def test_nst_prune_regrow_by_hand():
   assert len(draws) > 1
 
 
+@pytest.mark.parametrize('b, expected', [
+    # b's mean |w| over its 2 active entries is 2 (a's 6.2 / 6): 1 : 2 of the 3 dropped. A sum
+    # (6.2 : 4) or a mean over all entries (0.775 : 0.667) would give a 2 and b 1.
+    ([3.0, 1.0, 0, 0, 0, 0], (1, 2)),
+    # Measured before the drop (b: 4.55) it is 1 : 2; after it (b keeps 9) it would be 0 : 3.
+    ([9.0, 0.1, 0, 0, 0, 0], (1, 2)),
+])
+def test_nst_regrowth_follows_the_mean_over_active_entries_before_the_drop(b, expected):
+  params, mask = nst_tree()
+  params['b']['kernel'] = jnp.asarray(b, jnp.float32).reshape(3, 2)
+  mask['b']['kernel'] = params['b']['kernel'] != 0
+  _, _, grown = flash_lib.nst_prune_regrow(params, mask, 0.25, masks.prunable_leaves(params),
+                                           jax.random.key(0))
+  assert layer_counts_ab(grown) == expected
+
+
+def test_nst_regrowth_is_capped_and_a_regrown_dropped_weight_restarts_at_zero():
+  # b is fully active: it drops its smallest (5.0) and, whatever its share, can regrow only
+  # into that one entry, which must come back at 0; a takes the rest of the 3 dropped.
+  params, mask = nst_tree()
+  params['b']['kernel'] = jnp.array([[10.0, -20.0], [30.0, 5.0]])
+  mask['b']['kernel'] = jnp.ones((2, 2), bool)
+  new_params, new_mask, grown = flash_lib.nst_prune_regrow(
+      params, mask, 0.25, masks.prunable_leaves(params), jax.random.key(0))
+  assert layer_counts_ab(grown) == (2, 1)
+  np.testing.assert_array_equal(new_mask['b']['kernel'], np.ones((2, 2), bool))
+  np.testing.assert_array_equal(new_params['b']['kernel'], [[10.0, -20.0], [30.0, 0.0]])
+
+
+def test_counted_mask_bits_by_hand():
+  # Counts take ceil(log2(n + 1)) bits: 11 for n = 1024 (not 10), 5 for n = 16.
+  assert comm.counted_mask_bits([1024], [0]) == 11
+  assert comm.counted_mask_bits([1000, 16], [2, 16]) == 10 + 19 + 5 + 0
+  assert comm.counted_mask_bits([100], [50]) == 7 + 97
+
+
 def layer_counts_ab(mask):
   return int(np.sum(mask['a']['kernel'])), int(np.sum(mask['b']['kernel']))
 
@@ -216,6 +252,34 @@ def test_stage1_draws_a_random_mask_of_exactly_the_hunted_counts(mode):
   other = alg.init(jax.random.key(5), w0, fd)
   assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(other.mask),
                                                        jax.tree.leaves(state.mask)))
+
+
+def test_stage1_hunters_run_nst_for_hunt_epochs_by_hand():
+  # The hunters' uploaded counts, replayed with the hand loop: hunt_epochs local epochs (not the
+  # rounds' 2), a prune after each but the last, one key per hunter.
+  fd = tiny_federated(num_clients=6)
+  alg = make_flash('spdst', local_epochs=2, hunt_epochs=3)
+  w0 = init_params()
+  key = jax.random.key(0)
+  state = alg.init(key, w0, fd)
+  start_key, hunter_key, client_key, _, _ = jax.random.split(key, 5)
+  prunable = masks.prunable_leaves(w0)
+  start = masks.random_mask(start_key, w0, prunable, 0.25, 'layerwise', 'uniform')
+  hunters = np.asarray(jax.random.permutation(hunter_key, 6)[:3])
+  np.testing.assert_array_equal(state.hunters, hunters)
+  keys = jax.random.split(client_key, 3)
+  hunt_local = engine.LocalConfig(batch_size=4, local_epochs=3)
+  for i, client in enumerate(hunters):
+    _, mask, events = hand_client(w0, start, fd, hunt_local, keys[i], int(client), True)
+    assert len(events) == 2
+    assert layer_counts(mask) == np.asarray(state.hunt_counts[i]).tolist()
+  # The drawn mask has the hunted counts at random positions: neither the start mask nor
+  # w0's largest weights.
+  assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(state.mask),
+                                                       jax.tree.leaves(start)))
+  top = masks.layerwise_topk_traced(jax.tree.map(jnp.abs, w0), prunable,
+                                    masks.layer_count_tree(state.mask, prunable))
+  assert not np.array_equal(top['hidden']['kernel'], state.mask['hidden']['kernel'])
 
 
 def test_pdst_is_a_uniform_static_mask_from_the_seed():
@@ -349,12 +413,13 @@ def test_spdst_round_is_static_mask_fedavg_of_the_weights():
 # Invariants and bits over rounds.
 
 
-@pytest.mark.parametrize('mode, hetero', [('spdst', False), ('jmwst', False), ('jmwst', True),
-                                          ('spdst', True)])
-def test_every_round_exact_counts_zeros_and_bits(mode, hetero):
+@pytest.mark.parametrize('mode, hetero, assignment, interval', [
+    ('spdst', False, 'slot', 1), ('jmwst', False, 'slot', 2), ('jmwst', True, 'slot', 1),
+    ('spdst', True, 'client', 1)])
+def test_every_round_exact_counts_zeros_and_bits(mode, hetero, assignment, interval):
   fd = tiny_federated(num_clients=6)
   alg = make_flash(mode, clients_per_round=3, local_epochs=1, hetero=hetero,
-                   budget_assignment='slot')
+                   budget_assignment=assignment, mask_interval=interval)
   state = alg.init(jax.random.key(0), init_params(), fd)
   total = masks.keep_count(0.25, 152)
   chex.clear_trace_counter()
@@ -371,17 +436,23 @@ def test_every_round_exact_counts_zeros_and_bits(mode, hetero):
     hunt_bits[client] = comm.counted_mask_bits(SIZES, counts)
   prunable = masks.prunable_leaves(state.params)
   fractions = (0.5, 0.75, 1.0) if hetero else (1.0,)
-  budget = flash_lib.slot_budgets(3, 3) if hetero else np.zeros(3, int)
   for t in range(5):
     old = state
     state, m = round_fn(state, jax.random.key(t))
     m = jax.device_get(m)
+    nst = mode == 'jmwst' and t % interval == 0
+    if not hetero:
+      budget = np.zeros(3, int)
+    elif assignment == 'slot':
+      budget = flash_lib.slot_budgets(3, 3)
+    else:
+      budget = np.asarray(state.client_budget)[np.asarray(m['clients'])]
     host = alg.host_bits(m)
     assert sum(layer_counts(state.mask)) == total
     for name in ('hidden', 'out'):
       w, mk = np.asarray(state.params[name]['kernel']), np.asarray(state.mask[name]['kernel'])
       assert np.all(w[~mk] == 0)
-    if mode == 'spdst':
+    if not nst:
       chex.assert_trees_all_equal(state.mask, old.mask)
     clients = np.asarray(m['clients'])
     # Down: the values of the slot's budget mask, and that mask when the client lacks it.
@@ -400,7 +471,7 @@ def test_every_round_exact_counts_zeros_and_bits(mode, hetero):
     np.testing.assert_array_equal(up_counts.sum(axis=1), [sum(c) for c in down_counts])
     np.testing.assert_array_equal(m['bits_up'], 32 * (up_counts.sum(axis=1) + DENSE))
     np.testing.assert_array_equal(
-        host['bits_up'], [comm.counted_mask_bits(SIZES, c) * (mode == 'jmwst') for c in up_counts])
+        host['bits_up'], [comm.counted_mask_bits(SIZES, c) * nst for c in up_counts])
     # Stage 1's mask uploads, once, from the hunters.
     np.testing.assert_array_equal(host['bits_up_all'], hunt_bits * (t == 0))
     for c, b in zip(clients, budget):
@@ -441,8 +512,9 @@ def masks_of(params):
 def test_strategies_agree(mapping):
   # The reference runs clients one after another; the batched strategies must agree with it.
   fd = tiny_federated(num_clients=6)
-  ref = make_flash('jmwst')
-  alg = make_flash('jmwst', mapping=mapping)
+  # One local epoch: the prune in the middle of each client's own run.
+  ref = make_flash('jmwst', local_epochs=1)
+  alg = make_flash('jmwst', mapping=mapping, local_epochs=1)
   state = ref.init(jax.random.key(0), init_params(), fd)
   other = alg.init(jax.random.key(0), init_params(), fd)
   chex.assert_trees_all_equal(other.mask, state.mask)
@@ -505,20 +577,38 @@ def test_run_bits_budgets_and_resume(tmp_path):
       assert 0 <= row[f'{name}/test_accuracy'] <= 1
 
 
-def test_pdst_run_checkpoints_and_its_bits_are_static(tmp_path):
+@pytest.mark.parametrize('mode', ['pdst', 'spdst'])
+def test_run_bits_are_exact(tmp_path, mode):
+  # Replayed from the run's own cohorts: values both ways, the hunters' masks at round 1, the
+  # SPDST mask at each client's first participation; PDST's mask is free (the shared seed).
   config = load_config('mnist_flash')
   config.dataset, config.model = 'digits', 'mlp'
-  config.flash.exclude_layers, config.flash.mode = '^Dense_1/', 'pdst'
-  config.num_rounds, config.checkpoint_every = 2, 1
+  config.flash.exclude_layers, config.flash.mode = '^Dense_1/', mode
+  config.flash.hunt_epochs = 2
+  config.num_rounds, config.checkpoint_every = 3, 1
   train.run(config, tmp_path / 'run')
   exp = train.build_experiment(config)
+  state = exp.algorithm.init(train._algorithm_key(config.seed), exp.params, exp.data)
   prunable = masks.prunable_leaves(exp.params, lambda path, leaf: masks.default_prunable(
       path, leaf) and path[0] != 'Dense_1')
   leaves, flags = jax.tree.leaves(exp.params), jax.tree.leaves(prunable)
-  kept = sum(masks.keep_count(config.flash.density, w.size) for w, f in zip(leaves, flags) if f)
+  sizes = [w.size for w, f in zip(leaves, flags) if f]
   dense = sum(w.size for w, f in zip(leaves, flags) if not f)
-  for row in read_rows(tmp_path / 'run'):
-    assert row['bits_up'] == row['bits_down'] == 32 * (kept + dense) * config.clients_per_round
+  counts = [int(np.sum(m)) for m, f in zip(jax.tree.leaves(state.mask), flags) if f]
+  if mode == 'pdst':
+    assert counts == [masks.keep_count(config.flash.density, n) for n in sizes]
+  values = 32 * (sum(counts) + dense)
+  hunt = sum(comm.counted_mask_bits(sizes, c) for c in np.asarray(state.hunt_counts)
+             if mode == 'spdst')
+  seen = set()
+  cohort = engine.CohortConfig(config.clients_per_round, config.sample_with_replacement)
+  for t, row in enumerate(read_rows(tmp_path / 'run')):
+    clients = np.asarray(engine.draw_cohort(train._round_key(config.seed, t),
+                                            exp.data.num_clients, cohort).clients).tolist()
+    new = len(set(clients) - seen) if mode == 'spdst' else 0
+    seen |= set(clients)
+    assert row['bits_up'] == values * len(clients) + hunt * (t == 0)
+    assert row['bits_down'] == values * len(clients) + new * comm.counted_mask_bits(sizes, counts)
   assert (tmp_path / 'run' / train.CHECKPOINT_DIR).is_dir()
 
 

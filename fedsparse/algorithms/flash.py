@@ -26,16 +26,21 @@ in how the mask is found.
   budget ``K = floor(d · P)`` (``δ'_l = min(δ_l · ratio, 1)``, with what the cap at 1 cuts
   shared again over the other layers: `fedsparse.masks.apportion`), and draws a uniformly
   random mask with exactly those counts (the hunters' positions are not used). The global model
-  starts from the unmodified ``w0`` (the hunters' weights are discarded: a fresh initialisation).
+  starts from the unmodified ``w0`` under that mask (the hunters' weights are discarded; the
+  official code draws new initial weights instead, which here would only add noise between
+  paired runs of one seed).
 * **SPDST** then trains with that static mask (static-mask FedAvg of the weights).
 * **JMWST**: after stage 1, every round (every ``mask_interval`` rounds) the clients run NST and
   upload weights and masks; the server averages the weights and builds the next mask per layer:
   count = the clients' mean count, rescaled to ``K`` (as in stage 1), positions = the largest
   ``|w̄|`` of the averaged weights (ties by index). On other rounds the mask stays.
-* **PDST** (the baseline): a uniformly random static mask at density ``d`` in every layer.
+* **PDST** (the baseline): a uniformly random static mask at density ``d`` in every layer
+  (``floor(d · n_l)`` each, so its total can fall short of ``K`` by fewer than ``L`` weights).
 * **hetero-FLASH** (``hetero=True``): clients have density budgets ``β d`` with ``β`` in
   ``budgets`` (``0.5, 0.75, 1``). Every round the server derives a budget's mask from the global
-  one: per layer the ``floor(β k_l)`` largest-``|w|`` entries of the global mask's ``k_l``; each
+  one: per layer the ``floor(β k_l)`` largest-``|w|`` entries of the global mask's ``k_l`` (the
+  official code ranks the whole layer of its averaged weights, whose support can exceed the
+  mask; here the global weights are always masked, so the two coincide up to that); each
   client trains under its budget's mask. Budgets belong to clients (``budget_assignment=
   'client'``: a seeded, balanced assignment drawn at init, fixed for the run: a device's
   capacity does not change) or to cohort slots (``'slot'``, the official code: slot ``i`` of
@@ -73,13 +78,19 @@ Choices and deviations (``ALGORITHMS.md``):
 * The official server evaluates the averaged model before re-masking it (its support can exceed
   ``d``); here the global model always holds exactly the mask.
 * hetero: the official code trains every client at full budget in round 0 and requires its
-  "aggregate" mask-count rule; here budgets apply from round 0 and the count rule is the mean.
+  "aggregate" rule for JMWST's next counts (the counts of the averaged weights' support); here
+  budgets apply from round 0, and JMWST's counts are always the clients' mean rescaled to ``K``.
+* The official SPDST always averages plainly; ``aggregation='masked_mean'`` is offered for
+  every mode.
 * Which layers are masked: the prunable leaves (conv and dense kernels) minus
   ``exclude_layers`` (comma-separated regular expressions matched against the ``/``-joined
   parameter path). The official code masks every conv of ResNet-18 but not the classifier, and
   only ``conv2`` and ``fc1`` of the MNIST CNN (the configs say so).
-* The learning rate ``lr · decay^t`` of round ``t`` (the official code applies round ``t``'s
-  decay from round ``t + 2``).
+* The learning rate of round ``t`` is ``lr · decay^t`` (the official code sets round ``t``'s
+  value after round ``t`` and uses it from round ``t + 1``: one round later).
+* Cost under batched strategies: with one local epoch the prune happens after a step whose index
+  differs between clients; under ``vmap`` that ``lax.cond`` becomes a select, so every step pays
+  for the ranking. Clients run one after another (the CPU default) pay it once.
 
 Config: ``algorithm='flash'`` with the section ``config.flash`` holding :class:`FLASHConfig`'s
 fields, e.g. ``--config.flash.mode=jmwst --config.flash.density=0.05``. FLASH averages weights,
@@ -106,6 +117,7 @@ Example:
 """
 
 import dataclasses
+import fractions as fractions_lib
 import math
 import re
 from typing import Any, Callable, NamedTuple
@@ -195,7 +207,7 @@ class FLASHConfig:
     _check('mask_enforcement', self.mask_enforcement, ENFORCEMENTS)
     if not isinstance(self.hetero, bool):
       raise ValueError(f'hetero must be a bool, got {self.hetero!r}.')
-    fractions = self.budget_fractions  # validates
+    fractions = self._parsed_budgets()  # validated even when unused: a typo fails now
     if sorted(set(fractions)) != list(fractions) or fractions[-1] != 1:
       raise ValueError(f'budgets must be increasing fractions of the density ending at 1, got '
                        f'{self.budgets!r}.')
@@ -208,8 +220,9 @@ class FLASHConfig:
   @property
   def budget_fractions(self) -> tuple[float, ...]:
     """The budgets ``β`` as floats (``(1.0,)`` unless ``hetero``)."""
-    if not self.hetero:
-      return (1.0,)
+    return self._parsed_budgets() if self.hetero else (1.0,)
+
+  def _parsed_budgets(self) -> tuple[float, ...]:
     try:
       values = tuple(float(v) for v in str(self.budgets).split(','))
     except ValueError:
@@ -350,9 +363,9 @@ def budget_masks(params: Any, mask: Any, fractions: tuple[float, ...], prunable:
     if beta == 1:
       out.append(mask)
       continue
-    # floor(β k) in float32 with the same slack as the ceil: 0.75 * 4 keeps 3.
-    ks = jax.tree.map(
-        lambda k: jnp.floor(beta * k.astype(jnp.float32) * (1 + 1e-6)).astype(jnp.int32), counts)
+    # floor(β k) in integers (β as the fraction p / q it was written as): exact for any k.
+    ratio = fractions_lib.Fraction(str(beta)).limit_denominator(10_000)
+    ks = jax.tree.map(lambda k, p=ratio.numerator, q=ratio.denominator: (k * p) // q, counts)
     scores = jax.tree.map(lambda w, m: jnp.where(m, jnp.abs(w), -1.0), params, mask)
     out.append(masks.layerwise_topk_traced(scores, prunable, ks))
   return jax.tree.map(lambda *ms: jnp.stack(ms), *out)
@@ -440,6 +453,18 @@ def _prunable_predicate(hp: FLASHConfig, prunable: Callable[..., bool] | None
   return predicate
 
 
+def _check_exclusions(hp: FLASHConfig, params: Any, prunable: Callable[..., bool] | None
+                      ) -> None:
+  """Raises for an ``exclude_layers`` pattern that matches no prunable leaf (e.g. a typo)."""
+  base = prunable or masks.default_prunable
+  paths = ['/'.join(path) for path, leaf in zip(masks.leaf_paths(params), jax.tree.leaves(params))
+           if base(path, leaf)]
+  for pattern in hp.exclude_patterns:
+    if not any(re.search(pattern, path) for path in paths):
+      raise ValueError(f'exclude_layers: {pattern!r} matches none of the prunable leaves '
+                       f'({", ".join(paths)}).')
+
+
 # --------------------------------------------------------------------------------------------------
 # The algorithm.
 
@@ -503,6 +528,7 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
     if data is None:
       raise ValueError('FLASH.init needs the federated data: stage 1 trains on it, and the '
                        'server tracks which mask every client of the population holds.')
+    _check_exclusions(hp, params, prunable)
     prunable_, sizes, _ = layout(params)
     total = masks.keep_count(hp.density, sum(sizes))
     if total < 1:
