@@ -15,7 +15,11 @@ Commands (offline, with the MNIST file beside the checkout; one per row of the R
   ... --config.flash.mode=pdst --workdir=/tmp/mnist_pdst
   ... --config.flash.hetero=True --workdir=/tmp/mnist_hetero_spdst
 
-Expected results: see the README's "FLASH on MNIST" table.
+Expected results (seed 0, measured with these commands on the 2-core CPU): pooled test
+accuracy at round 100 of PDST 98.11 %, SPDST 98.46 %, JMWST 98.50 %, hetero-SPDST 98.43 % (its
+0.75d and 0.5d models 98.42 % and 98.53 %), after 55.6, 55.6, 62.1 and 41.9 MB of upload;
+at round 10: 93.75, 95.38, 95.36 and 95.44 %. Stage 1 moves ``conv2`` from 5 % to 93 %
+density and ``fc1`` to 3.3 %. Curves and the upload budgets: the README's "FLASH on MNIST".
 """
 
 from experiments.configs import base
