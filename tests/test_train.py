@@ -231,7 +231,7 @@ def test_resumed_ssfl_run_neither_scores_again_nor_loses_its_mask(tmp_path):
 
 LEARNING_HPARAMS = {'ssfl': {'density': 0.3}, 'feddst': {'sparsity': 0.7, 'alpha': 0.2,
                                                            'readjust_every': 3},
-                    'random_mask': {'sparsity': 0.7}}
+                    'random_mask': {'sparsity': 0.7}, 'flash': {'density': 0.3}}
 
 
 @pytest.mark.parametrize('algorithm', algorithms.registry.names())
