@@ -52,5 +52,6 @@ def get_config(arg: str | None = None):
                      exclude_layers='^Conv_0/,^Dense_1/')
   if base.is_smoke(arg):
     c = base.smoke(c)
-    c.flash.hunt_epochs = 2
+    c.local_steps = 4  # the mid-run prune after step 2 of 4 prunes (after 1 of 2, r = 0)
+    c.flash.hunt_epochs = 1  # stage 1 trains on whole epochs: one, with its mid-run prune
   return c

@@ -9,7 +9,7 @@ in how the mask is found.
 
 * **NST** (the clients' sparse training, used by stage 1 and JMWST). Plain local SGD, re-masked
   after every step. At the end of every local epoch but the last (with one local epoch: once,
-  after step ``floor(s_k / 2)`` of the client's ``s_k`` steps, as the official code), the client
+  after its step of 0-based index ``floor(s_k / 2)``, as the official code), the client
   prunes and regrows: the prune rate decays linearly over the client's local run,
   ``r = r0 (1 - steps done / steps of the run)`` (``r0 = 0.25``); every prunable layer drops its
   ``ceil(r · nnz_l)`` smallest-``|w|`` active weights; the total dropped is regrown across the
