@@ -256,10 +256,14 @@ def test_stage1_draws_a_random_mask_of_exactly_the_hunted_counts(mode):
 
 def test_stage1_hunters_run_nst_for_hunt_epochs_by_hand():
   # The hunters' uploaded counts, replayed with the hand loop: hunt_epochs local epochs (not the
-  # rounds' 2), a prune after each but the last, one key per hunter.
+  # rounds' one, whose single mid-run prune would give other counts), a prune after each but the
+  # last, one key per hunter.
   fd = tiny_federated(num_clients=6)
-  alg = make_flash('spdst', local_epochs=2, hunt_epochs=3)
+  alg = make_flash('spdst', local_epochs=1, hunt_epochs=3)
+  # A large output layer draws regrowth from the hidden one at every prune (mean |w| shares), so
+  # the counts tell how many prunes ran: 2 here, 3 for a program that prunes mid-epoch.
   w0 = init_params()
+  w0['out']['kernel'] = 10.0 * w0['out']['kernel']
   key = jax.random.key(0)
   state = alg.init(key, w0, fd)
   start_key, hunter_key, client_key, _, _ = jax.random.split(key, 5)
@@ -280,6 +284,23 @@ def test_stage1_hunters_run_nst_for_hunt_epochs_by_hand():
   top = masks.layerwise_topk_traced(jax.tree.map(jnp.abs, w0), prunable,
                                     masks.layer_count_tree(state.mask, prunable))
   assert not np.array_equal(top['hidden']['kernel'], state.mask['hidden']['kernel'])
+
+
+def test_stage1_hunters_train_with_keys_of_their_own(monkeypatch):
+  # Hunters' counts barely depend on their keys (the counts test above cannot see a shared key),
+  # so watch the keys the hunt hands to the engine: one per hunter, all different.
+  seen = []
+  real = flash_lib.run_clients
+
+  def spy(program, shared, clients, keys, *args):
+    jax.debug.callback(lambda k: seen.append(np.asarray(k)), jax.random.key_data(keys))
+    return real(program, shared, clients, keys, *args)
+
+  monkeypatch.setattr(flash_lib, 'run_clients', spy)
+  alg = make_flash.__wrapped__('spdst', hunt_fraction=0.5)  # built after the patch: not cached
+  alg.init(jax.random.key(0), init_params(), tiny_federated(num_clients=6))
+  assert len(seen) == 1 and seen[0].shape[0] == 3
+  assert len({row.tobytes() for row in seen[0]}) == 3
 
 
 def test_pdst_is_a_uniform_static_mask_from_the_seed():
