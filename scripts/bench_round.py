@@ -38,6 +38,8 @@ Usage::
   python scripts/bench_round.py                       # the README table (takes a while on CPU)
   python scripts/bench_round.py --models=mnistnet --cohorts=10 --repeats=3
   python scripts/bench_round.py --feddst --repeats=3   # the FedDST reference round
+  # the README's FedDST table: the CPU split into 2 XLA devices, so `sharded` uses both cores
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 python scripts/bench_round.py --feddst --repeats=3
 """
 
 import functools
