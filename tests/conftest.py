@@ -2,6 +2,8 @@
 
 import os
 import pathlib
+import shutil
+import tempfile
 
 import jax
 import pytest
@@ -12,6 +14,23 @@ jax.config.update("jax_num_cpu_devices", 8)
 # Catch silent broadcasting and dtype drift (e.g. a float64 sneaking in) early.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# Many tests compile the same round again (a resumed run, a re-run after kill -9, the same
+# config under two settings that leave the program unchanged): XLA's persistent cache, keyed by
+# the compiled program, serves the second compile. One directory per test session, shared by
+# the xdist workers and the runs they start as subprocesses (through the environment).
+_CACHE = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), f"fedsparse-tests-{os.environ.get('PYTEST_XDIST_TESTRUNUID', os.getpid())}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def pytest_sessionfinish(session):
+  """Removes this session's compilation cache (in the controller, after every worker)."""
+  if not hasattr(session.config, "workerinput") and "fedsparse-tests-" in _CACHE:
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data"
 
