@@ -7,10 +7,18 @@ decay) at lr 0.1 · 0.01^(t/1000), SPDST at density d = 0.05 of every conv kerne
 shortcut convs included); the classifier (``Dense_0``) stays dense. Stage 1: 10 % of the clients
 hunt densities for 10 local epochs.
 
-One deviation: fedsparse's ResNet-18 normalises with GroupNorm (16 groups), where the paper uses
-BatchNorm with running statistics averaged by the server. The engine's clients carry parameters
-and optimizer state but no model state (``batch_stats``), and GroupNorm needs none; a ``bn``
-option waits for model state in the engine.
+Deviations from the official code, each of which moves the numbers:
+
+* fedsparse's ResNet-18 normalises with GroupNorm (32 groups), where the paper uses BatchNorm
+  with running statistics averaged by the server. The engine's clients carry parameters and
+  optimizer state but no model state (``batch_stats``), and GroupNorm needs none; a ``bn``
+  option waits for model state in the engine.
+* No data augmentation: the official code trains on random 32×32 crops (padding 4) and
+  horizontal flips; fedsparse's data pipeline has none, so expect lower accuracy than the paper.
+* Initialisation: flax's lecun-normal kernels, where the official ResNet uses
+  ``xavier_uniform(gain=0.5)`` for convs and N(0, 0.01) for the classifier. NST shares its
+  regrowth by each layer's mean |w|, so the hunted densities depend on the layers' initial
+  scales (the stem's is relatively larger here).
 
 Commands (need CIFAR-10 prepared for TFDS once, with network access, in ``--config.data_dir``)::
 

@@ -55,6 +55,6 @@ def get_config(arg: str | None = None):
   base.set_algorithm(c, 'flash', mode='spdst', density=0.05, exclude_layers='^Dense_1/')
   if base.is_smoke(arg):
     c = base.smoke(c)
-    c.local_steps = 4  # the mid-run prune after step 2 of 4 prunes (after 1 of 2, r = 0)
+    c.local_steps = 4  # the mid-run prune after the 3rd of 4 steps prunes (after the 2nd of 2, r = 0)
     c.flash.hunt_epochs = 1  # stage 1 trains on whole epochs: one, with its mid-run prune
   return c

@@ -59,22 +59,29 @@ positions are free while both sides hold the mask. A mask message carries its pe
 (``ceil(log2(n_l + 1))`` bits each: FLASH's counts change) and the enumerative code of each
 layer (`fedsparse.comm.counted_mask_bits`; the cheapest exact code for a mask of known counts).
 Sent: every hunter's stage-1 mask, once, at round 0 (``bits_up_all``; hunters rebuild ``w0``
-and the initial random mask from the shared seed, as every client does ``w0``); the global mask
-to a participant that does not hold its current version (SPDST: at its first participation;
-JMWST: whenever it changed); a smaller budget's mask to its client every round (it is derived
+and the initial random mask from the shared seed, as every client does ``w0``, so the hunters'
+download is not counted, while stage 2 counts ``w0 ⊙ m`` down to every participant); the
+global mask to a participant that does not hold its current version (SPDST: at its first
+participation; JMWST: whenever it changed); a smaller budget's mask to its client every round (it is derived
 from the current weights); in JMWST's NST rounds every client's mask, up. PDST's random mask
 comes from the shared seed, free. These lengths depend on traced counts, so the round returns
 the counts (``payload_*``) and ``host_bits`` computes them on the host.
 
 Choices and deviations (``ALGORITHMS.md``):
 
-* Counts are exact everywhere. The official code regrows with Bernoulli draws (about, not
-  exactly, the count), caps each layer's regrowth at 99 % of its inactive entries, does not
-  redistribute what stage 1's cap at density 1 cuts, and draws Bernoulli random masks; it also
+* Mask counts are exact (but see the prune count below). The official code regrows with
+  Bernoulli draws (about, not exactly, the count), caps each layer's regrowth at 99 % of its
+  inactive entries, does not redistribute what stage 1's cap at density 1 cuts, and draws Bernoulli random masks; it also
   keeps just-pruned weights at their old values when they are regrown (here 0), adds an
   "adjusted growth" term to later prunes of a local run and lowers the rate of layers below
   20 % sparsity. Those refinements of the sparse-learning library it builds on are not
-  reproduced.
+  reproduced. One consequence: a layer that is dense (``conv1`` and ``conv2`` of MNIST JMWST
+  after a few rounds) still drops its ``ceil(r · n)`` smallest weights at every prune and, with
+  no other room, regrows those same entries at 0; the official code would leave such a layer
+  alone (rate ``min(sparsity, r) = 0`` when its mean-|w| share is above ``1/L``).
+* Prune counts are ``ceil(r · nnz)`` computed in float32 with a relative slack of 1e-6 (so that
+  an exact integer does not round up): for layers above about 10^5 active weights a product a
+  hair above an integer can round down, dropping one weight fewer.
 * The official server evaluates the averaged model before re-masking it (its support can exceed
   ``d``); here the global model always holds exactly the mask.
 * hetero: the official code trains every client at full budget in round 0 and requires its
@@ -523,18 +530,21 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
     counts = jax.vmap(lambda m: _layer_vector(masks.layer_count_tree(m, prunable_), prunable_))
     return counts(client_masks)
 
-  hunt_jit = jit(hunt, batched_clients=mapping.batches_clients)
-
   def init(key: jax.Array, params: Any, data: FederatedData | None = None) -> FLASHState:
     if data is None:
       raise ValueError('FLASH.init needs the federated data: stage 1 trains on it, and the '
                        'server tracks which mask every client of the population holds.')
     _check_exclusions(hp, params, prunable)
-    prunable_, sizes, _ = layout(params)
-    total = masks.keep_count(hp.density, sum(sizes))
-    if total < 1:
+    _, sizes, _ = layout(params)
+    if masks.keep_count(hp.density, sum(sizes)) < 1:
       raise ValueError(f'density {hp.density} keeps no weight of the {sum(sizes)} prunable ones; '
                        f'use at least {1 / sum(sizes):.2g}.')
+    # Under a trace (the run loop's eval_shape check) the caller compiles: no nested options.
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, key)))
+    return (init_state if traced else init_jit)(key, params, data)
+
+  def init_state(key: jax.Array, params: Any, data: FederatedData) -> FLASHState:
+    prunable_, sizes, _ = layout(params)
     n = data.num_clients
     start_key, hunter_key, client_key, final_key, budget_key = jax.random.split(key, 5)
     start = masks.random_mask(start_key, params, prunable_, hp.density, 'layerwise', 'uniform')
@@ -547,9 +557,7 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
       num_hunters = max(int(math.floor(hp.hunt_fraction * n + 1e-9)), 1)
       hunters = jax.random.permutation(hunter_key, n)[:num_hunters].astype(jnp.int32)
       keys = jax.random.split(client_key, num_hunters)
-      # Under a trace (the run loop's eval_shape check) the caller compiles: no nested options.
-      traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, key)))
-      hunt_counts = (hunt if traced else hunt_jit)(params, start, hunters, keys, data)
+      hunt_counts = hunt(params, start, hunters, keys, data)
       counts = hunted_counts(hunt_counts, sizes, hp.density)
       empty = jax.tree.map(lambda m, f: jnp.zeros_like(m) if f else m, start, prunable_)
       mask, _ = masks.regrow(empty, _layer_tree(counts, params, prunable_), prunable_,
@@ -562,6 +570,10 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
                       round=jnp.zeros((), jnp.int32), mask_version=jnp.zeros((), jnp.int32),
                       client_mask_version=jnp.full((n,), held, jnp.int32),
                       client_budget=budgets, hunters=hunters, hunt_counts=hunt_counts)
+
+  # Stage 1 and the masks around it in one program: run eagerly, its hundred small operations
+  # would each compile on their own.
+  init_jit = jit(init_state, batched_clients=mapping.batches_clients)
 
   def round_fn(state: FLASHState, data: FederatedData, key: jax.Array
                ) -> tuple[FLASHState, dict[str, jax.Array]]:
