@@ -62,16 +62,17 @@ Sent: every hunter's stage-1 mask, once, at round 0 (``bits_up_all``; hunters re
 and the initial random mask from the shared seed, as every client does ``w0``, so the hunters'
 download is not counted, while stage 2 counts ``w0 ⊙ m`` down to every participant); the
 global mask to a participant that does not hold its current version (SPDST: at its first
-participation; JMWST: whenever it changed); a smaller budget's mask to its client every round (it is derived
-from the current weights); in JMWST's NST rounds every client's mask, up. PDST's random mask
-comes from the shared seed, free. These lengths depend on traced counts, so the round returns
+participation; JMWST: whenever it changed); a smaller budget's mask to its client every round
+(it is derived from the current weights); in JMWST's NST rounds every client's mask, up.
+PDST's random mask comes from the shared seed, free. These lengths depend on traced counts, so the round returns
 the counts (``payload_*``) and ``host_bits`` computes them on the host.
 
 Choices and deviations (``ALGORITHMS.md``):
 
 * Mask counts are exact (but see the prune count below). The official code regrows with
   Bernoulli draws (about, not exactly, the count), caps each layer's regrowth at 99 % of its
-  inactive entries, does not redistribute what stage 1's cap at density 1 cuts, and draws Bernoulli random masks; it also
+  inactive entries, does not redistribute what stage 1's cap at density 1 cuts, and draws
+  Bernoulli random masks; it also
   keeps just-pruned weights at their old values when they are regrown (here 0), adds an
   "adjusted growth" term to later prunes of a local run and lowers the rate of layers below
   20 % sparsity. Those refinements of the sparse-learning library it builds on are not
