@@ -64,8 +64,8 @@ download is not counted, while stage 2 counts ``w0 ⊙ m`` down to every partici
 global mask to a participant that does not hold its current version (SPDST: at its first
 participation; JMWST: whenever it changed); a smaller budget's mask to its client every round
 (it is derived from the current weights); in JMWST's NST rounds every client's mask, up.
-PDST's random mask comes from the shared seed, free. These lengths depend on traced counts, so the round returns
-the counts (``payload_*``) and ``host_bits`` computes them on the host.
+PDST's random mask comes from the shared seed, free. These lengths depend on traced counts, so
+the round returns the counts (``payload_*``) and ``host_bits`` computes them on the host.
 
 Choices and deviations (``ALGORITHMS.md``):
 
