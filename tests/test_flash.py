@@ -2,6 +2,7 @@
 loop for clients of different sizes, exact counts and bits every round, runs, bad input."""
 
 import functools
+import fractions
 import importlib
 import math
 
@@ -183,15 +184,40 @@ def layer_counts_ab(mask):
   return int(np.sum(mask['a']['kernel'])), int(np.sum(mask['b']['kernel']))
 
 
-def test_nst_prune_count_is_exact_in_float32():
-  # 0.225 * 400 = 90 exactly, but 0.225 is not a float32: the count must still be 90.
+def test_nst_prune_count_is_exact():
+  # 0.225 * 400 = 90 exactly, but 0.225 is not a float32: the count must still be 90 (not 91),
+  # whether the rate is a Python number or a traced fraction.
   w = jnp.arange(1.0, 801.0).reshape(20, 40)
   mask = w <= 400
   params, m = {'k': {'kernel': w}}, {'k': {'kernel': mask}}
   prunable = masks.prunable_leaves(params)
   nst = jax.jit(lambda p, m, r, k: flash_lib.nst_prune_regrow(p, m, r, prunable, k))
-  _, _, grown = nst(params, m, jnp.float32(0.225), jax.random.key(1))
+  _, _, grown = nst(params, m, (jnp.int32(9), jnp.int32(40)), jax.random.key(1))
   assert int(np.sum(grown['k']['kernel'])) == 90
+  _, new_mask, grown = flash_lib.nst_prune_regrow(params, m, 0.225, prunable, jax.random.key(1))
+  assert int(np.sum(grown['k']['kernel'])) == 90
+  assert int(np.sum(new_mask['k']['kernel'] & ~mask)) <= 90  # regrowth is among the inactive
+  assert flash_lib.rate_fraction(0.225) == fractions.Fraction(9, 40)
+  assert flash_lib.rate_fraction(0.25 * (1 - 3 / 7)) == fractions.Fraction(1, 7)
+
+
+def test_prune_counts_are_exact_where_float32_is_not():
+  # 999/4000 of 402,999 is 100,649 + 1/4000: float32 (spacing 1/128 there) cannot see the
+  # 1/4000 above an integer, so a float formula drops 100,649 (or misrounds exact cases).
+  nnz = 402_999
+  assert nnz * 999 % 4000 == 1
+  assert int(flash_lib.prune_counts(jnp.int32(nnz), 999, 4000)) == nnz * 999 // 4000 + 1
+  assert int(flash_lib.prune_counts(jnp.int32(nnz - 1), 999, 4000)) == -(-(nnz - 1) * 999 // 4000)
+  rng = np.random.default_rng(0)
+  nnz = np.concatenate([rng.integers(0, 1 << 24, 2000), rng.integers(0, 1000, 2000)])
+  den = np.concatenate([rng.integers(1, 10**8, 2000), rng.integers(1, 50, 2000)])
+  num = (rng.random(4000) * den).astype(np.int64)
+  num[::7] = den[::7]  # rate 1
+  num[::11] = 0
+  got = np.asarray(jax.jit(flash_lib.prune_counts)(jnp.asarray(nnz, jnp.int32),
+                                                    jnp.asarray(num, jnp.int32),
+                                                    jnp.asarray(den, jnp.int32)))
+  np.testing.assert_array_equal(got, -(-nnz * num // den))
 
 
 def test_budget_masks_by_hand():
@@ -451,7 +477,7 @@ def test_every_round_exact_counts_zeros_and_bits(mode, hetero, assignment, inter
     return alg.round(state, fd, key)
 
   held = np.full(6, -1)
-  version = 0
+  version, turnovers = 0, []
   hunt_bits = np.zeros(6, np.int64)
   for client, counts in zip(np.asarray(state.hunters), np.asarray(state.hunt_counts)):
     hunt_bits[client] = comm.counted_mask_bits(SIZES, counts)
@@ -490,6 +516,8 @@ def test_every_round_exact_counts_zeros_and_bits(mode, hetero, assignment, inter
     # Up: the values of the client's own mask, and in JMWST that mask (NST keeps its total).
     up_counts = np.asarray(m['payload_up_counts'])
     np.testing.assert_array_equal(up_counts.sum(axis=1), [sum(c) for c in down_counts])
+    if not nst:  # no NST: every layer comes back with exactly the counts it went out with
+      np.testing.assert_array_equal(up_counts, down_counts)
     np.testing.assert_array_equal(m['bits_up'], 32 * (up_counts.sum(axis=1) + DENSE))
     np.testing.assert_array_equal(
         host['bits_up'], [comm.counted_mask_bits(SIZES, c) * nst for c in up_counts])
@@ -500,9 +528,15 @@ def test_every_round_exact_counts_zeros_and_bits(mode, hetero, assignment, inter
         held[c] = version
     version += int(not all(np.array_equal(a, b) for a, b in zip(
         jax.tree.leaves(old.mask), jax.tree.leaves(state.mask))))
+    # Turnover: the share of the K mask entries that are new this round.
+    gained = sum(int(np.sum(np.asarray(a) & ~np.asarray(b))) for a, b in zip(
+        jax.tree.leaves(state.mask), jax.tree.leaves(old.mask)))
+    assert m['mask_turnover'] == pytest.approx(gained / total, abs=1e-7)
+    turnovers.append(gained)
     assert int(state.mask_version) == version
     np.testing.assert_array_equal(state.client_mask_version, held)
   assert (version > 0) == (mode == 'jmwst')
+  assert (sum(turnovers) > 0) == (mode == 'jmwst')
 
 
 def test_hetero_clients_train_under_their_budget_and_budgets_stay_with_clients():
@@ -583,16 +617,35 @@ def test_run_bits_budgets_and_resume(tmp_path):
   sizes = [w.size for w, f in zip(jax.tree.leaves(exp.params), jax.tree.leaves(prunable)) if f]
   hunt = sum(comm.counted_mask_bits(sizes, c) for c in np.asarray(state.hunt_counts))
   assert hunt > 0
-  # Every participant uploads its values and its mask: at most K values and counted bits each.
+  # Replayed round by round from the run's keys: the run's totals are exactly the formulas.
   dense = sum(w.size for w, f in zip(jax.tree.leaves(exp.params), jax.tree.leaves(prunable))
               if not f)
   k_total = masks.keep_count(config.flash.density, sum(sizes))
-  per_client_max = 32 * (k_total + dense) + comm.counted_mask_bits(sizes, [s // 2 for s in sizes])
-  for row in full:
-    assert row['bits_up'] <= config.clients_per_round * per_client_max + hunt * (row['round'] == 1)
-    assert row['bits_down'] > 0
+  round_fn = jax.jit(exp.algorithm.round)
+  held, version = {}, 0
+  budgets = np.asarray(state.client_budget)
+  for t, row in enumerate(full):
+    old = state
+    state, m = round_fn(state, exp.data, train._round_key(config.seed, t))
+    assert row['train_loss'] == pytest.approx(float(m['train_loss']), rel=1e-6)  # the same run
+    clients = np.asarray(m['clients']).tolist()
+    up, down = np.asarray(m['payload_up_counts']), np.asarray(m['payload_down_counts'])
+    # JMWST, mask_interval 1: every client uploads its values and its NST mask every round.
+    assert row['bits_up'] == sum(32 * (int(c.sum()) + dense) + comm.counted_mask_bits(sizes, c)
+                                 for c in up) + hunt * (t == 0)
+    # Down: the values under the client's budget mask, plus that mask unless it is the full one
+    # and the client already holds the current version.
+    sent = [budgets[c] < 2 or held.get(c) != version for c in clients]
+    assert row['bits_down'] == sum(32 * (int(c.sum()) + dense) + s * comm.counted_mask_bits(
+        sizes, c) for c, s in zip(down, sent))
+    assert sum(sent) > 0 and row['bits_down'] > 0
+    for c in clients:
+      if budgets[c] == 2:
+        held[c] = version
+    version += int(any(np.any(a != b) for a, b in zip(jax.tree.leaves(old.mask),
+                                                       jax.tree.leaves(state.mask))))
     assert abs(row['density'] - k_total / sum(sizes)) < 1e-6
-  assert full[0]['bits_up'] > hunt
+  assert version > 0
   for row in full[1::2]:
     for name in ('budget_0.5', 'budget_0.75'):
       assert 0 <= row[f'{name}/test_accuracy'] <= 1

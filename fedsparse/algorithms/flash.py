@@ -69,20 +69,17 @@ the round returns the counts (``payload_*``) and ``host_bits`` computes them on 
 
 Choices and deviations (``ALGORITHMS.md``):
 
-* Mask counts are exact (but see the prune count below). The official code regrows with
-  Bernoulli draws (about, not exactly, the count), caps each layer's regrowth at 99 % of its
-  inactive entries, does not redistribute what stage 1's cap at density 1 cuts, and draws
-  Bernoulli random masks; it also
-  keeps just-pruned weights at their old values when they are regrown (here 0), adds an
-  "adjusted growth" term to later prunes of a local run and lowers the rate of layers below
-  20 % sparsity. Those refinements of the sparse-learning library it builds on are not
-  reproduced. One consequence: a layer that is dense (``conv1`` and ``conv2`` of MNIST JMWST
+* Mask counts are exact: a prune drops ``ceil(r · nnz)`` computed in integers (`prune_counts`),
+  the rate being the fraction ``r0 · (T - s) / T`` after ``s`` of ``T`` steps. The official
+  code regrows with Bernoulli draws (about, not exactly, the count), caps each layer's regrowth
+  at 99 % of its inactive entries, does not redistribute what stage 1's cap at density 1 cuts,
+  and draws Bernoulli random masks; it also keeps just-pruned weights at their old values when
+  they are regrown (here 0), adds an "adjusted growth" term to later prunes of a local run and
+  lowers the rate of layers below 20 % sparsity. Those refinements of the sparse-learning
+  library it builds on are not reproduced. One consequence: a layer that is dense (``conv1`` and ``conv2`` of MNIST JMWST
   after a few rounds) still drops its ``ceil(r · n)`` smallest weights at every prune and, with
   no other room, regrows those same entries at 0; the official code would leave such a layer
   alone (rate ``min(sparsity, r) = 0`` when its mean-|w| share is above ``1/L``).
-* Prune counts are ``ceil(r · nnz)`` computed in float32 with a relative slack of 1e-6 (so that
-  an exact integer does not round up): for layers above about 10^5 active weights a product a
-  hair above an integer can round down, dropping one weight fewer.
 * The official server evaluates the averaged model before re-masking it (its support can exceed
   ``d``); here the global model always holds exactly the mask.
 * hetero: the official code trains every client at full budget in round 0 and requires its
@@ -148,7 +145,7 @@ from fedsparse.engine import (ENFORCEMENTS, Algorithm, ClientMapping, ClientProg
 
 __all__ = ['AGGREGATIONS', 'BUDGET_ASSIGNMENTS', 'MODES', 'FLASHBroadcast', 'FLASHCarry',
            'FLASHConfig', 'FLASHState', 'budget_masks', 'flash', 'hunted_counts',
-           'nst_prune_regrow', 'slot_budgets']
+           'nst_prune_regrow', 'prune_counts', 'rate_fraction', 'slot_budgets']
 
 MODES = ('spdst', 'jmwst', 'pdst')
 AGGREGATIONS = ('mean', 'masked_mean')
@@ -178,7 +175,7 @@ class FLASHConfig:
     hunt_fraction: the fraction of the clients that hunt densities in stage 1, in (0, 1].
     hunt_epochs: local epochs of NST in stage 1.
     prune_rate: ``r0``, NST's initial prune rate, decaying linearly to 0 over a client's local
-      run, in [0, 1).
+      run, in [0, 1); taken as the exact fraction it denotes (`rate_fraction`).
     aggregation: one of `AGGREGATIONS`: ``'mean'`` (zeros where a client does not hold an entry;
       the paper) or ``'masked_mean'`` (over the clients holding each entry).
     mask_interval: JMWST rebuilds the mask (and its clients run NST) every this many rounds.
@@ -297,19 +294,50 @@ def _layer_tree(vector: jax.Array, like: Any, prunable: Any) -> Any:
   return jax.tree.unflatten(jax.tree.structure(like), out)
 
 
-def _ceil_count(x: jax.Array) -> jax.Array:
-  # ceil in float32 with a 1e-6 relative slack: 0.225 * 400 must prune 90, not 91.
-  return jnp.ceil(x - 1e-6 * jnp.maximum(x, 1.0)).astype(jnp.int32)
+def rate_fraction(rate: float) -> fractions_lib.Fraction:
+  """A prune rate as the exact fraction it denotes: ``0.225`` is 9/40 (not float32's 0.2249999).
+
+  The nearest fraction with a denominator of at most 1,000, so every rate written with up to
+  three decimals is exact.
+  """
+  return fractions_lib.Fraction(str(rate)).limit_denominator(1000)
 
 
-def nst_prune_regrow(params: Any, mask: Any, rate: Any, prunable: Any, key: jax.Array
-                     ) -> tuple[Any, Any, Any]:
+def prune_counts(nnz: jax.Array, numerator: Any, denominator: Any) -> jax.Array:
+  """``ceil(nnz · numerator / denominator)`` exactly, in int32 (jit-safe, traced values allowed).
+
+  Float32 alone cannot decide it: ``9/40 · 400`` is exactly 90, but ``0.225 · 400`` rounds to
+  either side, and above ~10^5 weights a true value a hair above an integer is indistinguishable
+  from one a hair below. So float32 only estimates ``x``; the integer remainder
+  ``nnz · numerator - estimate · denominator`` -- small, since the estimate is within a few units
+  of ``x``, so int32's wrap-around in the two products cancels -- then decides exactly. Exact
+  while layers hold fewer than 2^24 weights and ``denominator`` stays below 10^8.
+
+  Args:
+    nnz: int32 counts (any shape).
+    numerator: int, ``>= 0``.
+    denominator: int, ``> 0``.
+
+  Returns:
+    int32 counts of ``nnz``'s shape.
+  """
+  nnz = jnp.asarray(nnz, jnp.int32)
+  num, den = jnp.asarray(numerator, jnp.int32), jnp.asarray(denominator, jnp.int32)
+  ratio = num.astype(jnp.float32) / den.astype(jnp.float32)
+  estimate = jnp.round(nnz.astype(jnp.float32) * ratio).astype(jnp.int32)
+  remainder = nnz * num - estimate * den
+  return estimate - jnp.floor_divide(-remainder, den)  # estimate + ceil(remainder / den)
+
+
+def nst_prune_regrow(params: Any, mask: Any, rate: float | tuple[Any, Any], prunable: Any,
+                     key: jax.Array) -> tuple[Any, Any, Any]:
   """One NST prune-and-regrow of a client (FLASH's epoch-end step).
 
   Args:
     params: the client's weights (0 outside ``mask``).
     mask: its bool mask.
-    rate: the prune rate ``r`` (a float scalar, traced allowed).
+    rate: the prune rate ``r``: a Python number (taken as `rate_fraction`) or a pair
+      ``(numerator, denominator)`` of int scalars, traced allowed.
     prunable: the prunable flags.
     key: PRNG key of the random regrowth.
 
@@ -322,7 +350,10 @@ def nst_prune_regrow(params: Any, mask: Any, rate: Any, prunable: Any, key: jax.
     count is unchanged.
   """
   nnz = _layer_vector(masks.layer_count_tree(mask, prunable), prunable)
-  drop = jnp.minimum(_ceil_count(jnp.asarray(rate, jnp.float32) * nnz.astype(jnp.float32)), nnz)
+  if not isinstance(rate, tuple):
+    rate = rate_fraction(rate)
+    rate = (rate.numerator, rate.denominator)
+  drop = jnp.minimum(prune_counts(nnz, *rate), nnz)
   mean_abs = jnp.stack([
       jnp.sum(jnp.where(m, jnp.abs(w), 0.0)) / jnp.maximum(jnp.sum(m), 1).astype(jnp.float32)
       for w, m, f in zip(jax.tree.leaves(params), jax.tree.leaves(mask), jax.tree.leaves(prunable))
@@ -403,6 +434,8 @@ def _flash_program(apply_fn: Callable[..., jax.Array], local: LocalConfig, hp: F
                    prunable: Callable[..., bool]) -> ClientProgram:
   """The client: SGD under its budget's mask, with NST's prune and regrow when ``shared.nst``."""
 
+  r0 = rate_fraction(hp.prune_rate)
+
   def make_optimizer(ctx):
     return client_optimizer(local, ctx.shared.learning_rate,
                             steps_per_epoch(ctx.client.size, local.batch_size))
@@ -415,8 +448,9 @@ def _flash_program(apply_fn: Callable[..., jax.Array], local: LocalConfig, hp: F
     return FLASHCarry(params, make_optimizer(ctx).init(params), mask)
 
   def prune_regrow(carry, ctx, steps_done, key):
-    rate = hp.prune_rate * (1.0 - steps_done.astype(jnp.float32)
-                            / jnp.maximum(ctx.client.num_steps, 1).astype(jnp.float32))
+    # r0 · (1 - s / T) as an exact fraction, so that the prune count is exactly ceil(r · nnz).
+    total = jnp.maximum(ctx.client.num_steps, 1)
+    rate = (r0.numerator * jnp.maximum(total - steps_done, 0), r0.denominator * total)
     prunable_ = masks.prunable_leaves(carry.params, prunable)
     params, mask, grown = nst_prune_regrow(carry.params, carry.mask, rate, prunable_, key)
     opt_state = masks.reset_moments(make_optimizer(ctx), carry.opt_state, grown)
