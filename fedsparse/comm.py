@@ -19,6 +19,12 @@ Encodings provided here:
   shortest code for a uniformly random subset of known size, which an entropy-coded bitmap
   approaches but never beats). :func:`enumerative_encode` / :func:`enumerative_decode` are the
   coder itself, so the counted length is checked by decoding.
+* :func:`bernoulli_encode` / :func:`bernoulli_decode` -- a bit vector arithmetic-coded (a range
+  coder of the maintained ``constriction`` library) under one probability ``p`` for every bit
+  (FedPM's uplink with the client's empirical frequency, sent as its count of ones), or under a
+  probability of its own for each bit that both sides know (FedPM's global ``θ``). The length
+  counted is the real stream's, and :func:`bernoulli_decode` gets the bits back.
+  :func:`bernoulli_entropy_bits` is the estimate ``n · H2(p̂) + log2 n`` papers report.
 
 Per-client counts are int32 arrays inside the jitted round (JAX runs without 64-bit types by
 default); the run loop sums them over clients and rounds in Python integers, so totals never
@@ -35,8 +41,9 @@ Example::
 from collections.abc import Sequence
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
+import constriction
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +61,10 @@ __all__ = [
     'mask_encoding_bits',
     'mask_message_bits',
     'counted_mask_bits',
+    'BernoulliCode',
+    'bernoulli_encode',
+    'bernoulli_decode',
+    'bernoulli_entropy_bits',
     'per_client',
     'check_int32',
 ]
@@ -234,6 +245,103 @@ def counted_mask_bits(sizes: Sequence[int], counts: Sequence[int]) -> int:
   sizes, counts = [int(n) for n in sizes], [int(k) for k in counts]
   bits = mask_encoding_bits(sizes, counts)['enumerative']  # validates
   return bits + sum(_ceil_log2(n + 1) for n in sizes)
+
+
+# Probabilities reach the coder clipped to [_P_MIN, 1 - _P_MIN]: a bit the model deems impossible
+# could not be coded at all, and the clip costs at most ~n · 2^-20 / ln 2 bits.
+_P_MIN = 2.0 ** -20
+
+
+class BernoulliCode(NamedTuple):
+  """A coded bit vector.
+
+  Attributes:
+    words: the range coder's compressed stream (uint32 words).
+    ones: the count of ones, sent ahead of the stream when the model is the empirical frequency
+      (``None`` under per-bit probabilities both sides know).
+    bits: the message length: ``32 · len(words)``, plus ``ceil(log2(n + 1))`` for ``ones``.
+  """
+  words: np.ndarray
+  ones: int | None
+  bits: int
+
+
+def _bernoulli_family():
+  return constriction.stream.model.Bernoulli(perfect=False)
+
+
+def _clipped(p: np.ndarray) -> np.ndarray:
+  return np.clip(np.asarray(p, np.float64), _P_MIN, 1.0 - _P_MIN)
+
+
+def bernoulli_encode(bits: np.ndarray, probabilities: np.ndarray | None = None) -> BernoulliCode:
+  """Arithmetic-codes a bit vector (range coding, `constriction.stream.queue.RangeEncoder`).
+
+  Args:
+    bits: ``[n]`` bools (or 0/1).
+    probabilities: ``None``: every bit under one ``p̂`` = the vector's own frequency of ones,
+      whose count travels first in ``ceil(log2(n + 1))`` bits (the receiver rebuilds ``p̂``
+      from it). Or ``[n]`` probabilities of a one that the receiver already holds: each bit is
+      coded under its own, and nothing else travels.
+
+  Returns:
+    A :class:`BernoulliCode`; :func:`bernoulli_decode` inverts it.
+
+  Example::
+
+    >>> code = bernoulli_encode(np.arange(1000) % 10 == 0)  # p̂ = 0.1: ~469 + 10 bits
+    >>> code.ones, code.bits, round(bernoulli_entropy_bits(1000, 100))
+    (100, 490, 479)
+    >>> bool(np.all(bernoulli_decode(code, 1000) == (np.arange(1000) % 10 == 0)))
+    True
+  """
+  bits = np.asarray(bits).reshape(-1)
+  symbols = bits.astype(np.int32)
+  if np.any((symbols != 0) & (symbols != 1)):
+    raise ValueError('bernoulli_encode codes bits: every entry must be 0 or 1 (or a bool).')
+  encoder = constriction.stream.queue.RangeEncoder()
+  n = symbols.size
+  if probabilities is None:
+    ones = int(symbols.sum())
+    probs = _clipped(np.full(n, ones / max(n, 1)))
+  else:
+    ones = None
+    probs = _clipped(np.asarray(probabilities).reshape(-1))
+    if probs.size != n:
+      raise ValueError(f'{probs.size} probabilities for {n} bits.')
+  if n:
+    encoder.encode(symbols, _bernoulli_family(), probs)
+  words = np.asarray(encoder.get_compressed(), np.uint32)
+  length = 32 * words.size + (_ceil_log2(n + 1) if ones is not None else 0)
+  return BernoulliCode(words=words, ones=ones, bits=length)
+
+
+def bernoulli_decode(code: BernoulliCode, n: int, probabilities: np.ndarray | None = None
+                     ) -> np.ndarray:
+  """The ``[n]`` bools :func:`bernoulli_encode` coded (with the same ``probabilities``)."""
+  if probabilities is None:
+    if code.ones is None:
+      raise ValueError('This code was made under per-bit probabilities; pass them.')
+    probs = _clipped(np.full(n, code.ones / max(n, 1)))
+  else:
+    probs = _clipped(np.asarray(probabilities).reshape(-1))
+  if n == 0:
+    return np.zeros(0, bool)
+  decoder = constriction.stream.queue.RangeDecoder(code.words)
+  return np.asarray(decoder.decode(_bernoulli_family(), probs), np.int32).astype(bool)
+
+
+def bernoulli_entropy_bits(n: int, ones: int) -> float:
+  """The estimate ``n · H2(p̂) + log2 n`` of a coded ``n``-bit vector with ``ones`` ones.
+
+  FedPM's paper and code report this figure (``p̂ = ones / n``, plus ``log2 n`` bits for
+  ``p̂``); :func:`bernoulli_encode` gives the length of a real stream.
+  """
+  if n <= 0 or not 0 <= ones <= n:
+    raise ValueError(f'Need n >= 1 and 0 <= ones <= n, got n={n}, ones={ones}.')
+  p = ones / n
+  h2 = 0.0 if p in (0.0, 1.0) else -(p * math.log2(p) + (1 - p) * math.log2(1 - p))
+  return n * h2 + math.log2(n)
 
 
 def per_client(bits: int | jax.Array, num_clients: int) -> jax.Array:

@@ -514,8 +514,11 @@ def _run_rounds(exp: Experiment, workdir: pathlib.Path, saved: dict[str, Any],
         metrics = jax.device_get(metrics)
         if exp.algorithm.host_bits is not None:
           # Data-dependent encodings: lengths computed on the host from the round's payloads.
-          for name, bits in exp.algorithm.host_bits(metrics).items():
-            metrics[name] = np.asarray(metrics[name], np.int64) + np.asarray(bits, np.int64)
+          for name, value in exp.algorithm.host_bits(metrics).items():
+            if name in metrics:  # bits, added to the round's in-jit counts
+              metrics[name] = np.asarray(metrics[name], np.int64) + np.asarray(value, np.int64)
+            else:  # a host-computed statistic (e.g. FedPM's entropy estimate), logged as it is
+              metrics[name] = value
         seconds = time.perf_counter() - t0
         elapsed += seconds
         # Cohort traffic plus any population-wide one-time traffic (e.g. SSFL's scoring round),

@@ -34,7 +34,7 @@ def set_algorithm(c: ml_collections.ConfigDict, name: str, **hparams) -> ml_coll
 def base_config() -> ml_collections.ConfigDict:
   """The flat run description with every key the run loop reads."""
   c = ml_collections.ConfigDict()
-  c.algorithm = 'fedavg'           # fedavg | fedavgm | ssfl | feddst | random_mask | flash
+  c.algorithm = 'fedavg'           # fedavg | fedavgm | ssfl | feddst | random_mask | flash | fedpm
   c.dataset = 'digits'             # digits | mnist | fashion_mnist | emnist | cifar10 | cifar100 | npz:PATH
   c.data_dir = ''                  # TFDS data_dir ('' = TFDS default)
   c.model = 'mlp'

@@ -9,10 +9,12 @@ from fedsparse.algorithms.ssfl import WEIGHTINGS as SALIENCY_WEIGHTINGS
 from fedsparse.algorithms.ssfl import SSFLConfig, SSFLState, population_saliency, ssfl
 from fedsparse.algorithms.feddst import FedDSTConfig, FedDSTState, RandomMaskConfig, feddst
 from fedsparse.algorithms.flash import FLASHConfig, FLASHState, flash
+from fedsparse.algorithms.fedpm import FedPMConfig, FedPMState, fedpm
 
 __all__ = ['ALGORITHMS', 'FLASHConfig', 'FLASHState', 'FedAvgConfig', 'FedAvgMConfig',
-           'FedAvgState', 'FedDSTConfig', 'FedDSTState', 'RandomMaskConfig', 'SALIENCY_SCORES',
-           'SALIENCY_WEIGHTINGS', 'SSFLConfig', 'SSFLState', 'SSFL_MASKS', 'fedavg',
-           'fedavg_round_core', 'fedavgm', 'feddst', 'flash', 'population_saliency', 'registry', 'ssfl']
+           'FedAvgState', 'FedDSTConfig', 'FedDSTState', 'FedPMConfig', 'FedPMState',
+           'RandomMaskConfig', 'SALIENCY_SCORES', 'SALIENCY_WEIGHTINGS', 'SSFLConfig', 'SSFLState',
+           'SSFL_MASKS', 'fedavg', 'fedavg_round_core', 'fedavgm', 'feddst', 'fedpm', 'flash',
+           'population_saliency', 'registry', 'ssfl']
 
 ALGORITHMS = registry.names()

@@ -43,7 +43,8 @@ class Algorithm(NamedTuple):
       stochastic model such as FedPM's samples with ``key``).
     host_bits: optional ``host_bits(metrics) -> {'bits_up': [K], 'bits_down': [K]}`` (NumPy
       int64, either key optional) computed on the host from the round's ``payload_*`` metrics,
-      added to the round's bits.
+      added to the round's bits. Further entries (scalars, e.g. FedPM's entropy estimate of its
+      coded uplink) are logged as they are.
     eval_variants: optional ``eval_variants(state, key) -> {name: params}``: further models
       evaluated beside ``eval_params``'s, logged as ``name/test_accuracy`` etc. (e.g.
       hetero-FLASH's global model at each smaller density budget).
