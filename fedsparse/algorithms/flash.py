@@ -76,10 +76,10 @@ Choices and deviations (``ALGORITHMS.md``):
   and draws Bernoulli random masks; it also keeps just-pruned weights at their old values when
   they are regrown (here 0), adds an "adjusted growth" term to later prunes of a local run and
   lowers the rate of layers below 20 % sparsity. Those refinements of the sparse-learning
-  library it builds on are not reproduced. One consequence: a layer that is dense (``conv1`` and ``conv2`` of MNIST JMWST
-  after a few rounds) still drops its ``ceil(r · n)`` smallest weights at every prune and, with
-  no other room, regrows those same entries at 0; the official code would leave such a layer
-  alone (rate ``min(sparsity, r) = 0`` when its mean-|w| share is above ``1/L``).
+  library it builds on are not reproduced. One consequence: a layer that is dense (``conv1``
+  and ``conv2`` of MNIST JMWST after a few rounds) still drops its ``ceil(r · n)`` smallest
+  weights at every prune and, with no other room, regrows those same entries at 0; the
+  official code would leave such a layer alone (rate ``min(sparsity, r) = 0`` when its mean-|w| share is above ``1/L``).
 * The official server evaluates the averaged model before re-masking it (its support can exceed
   ``d``); here the global model always holds exactly the mask.
 * hetero: the official code trains every client at full budget in round 0 and requires its
