@@ -270,6 +270,12 @@ def _bernoulli_family():
   return constriction.stream.model.Bernoulli(perfect=False)
 
 
+def _bernoulli_model(ones: int, n: int):
+  # One model for every bit: p̂ = ones / n, which the receiver rebuilds from the count.
+  p = float(np.clip(ones / n, _P_MIN, 1.0 - _P_MIN))
+  return constriction.stream.model.Bernoulli(p, perfect=False)
+
+
 def _clipped(p: np.ndarray) -> np.ndarray:
   return np.clip(np.asarray(p, np.float64), _P_MIN, 1.0 - _P_MIN)
 
@@ -303,14 +309,15 @@ def bernoulli_encode(bits: np.ndarray, probabilities: np.ndarray | None = None) 
   n = symbols.size
   if probabilities is None:
     ones = int(symbols.sum())
-    probs = _clipped(np.full(n, ones / max(n, 1)))
+    if n:
+      encoder.encode(symbols, _bernoulli_model(ones, n))
   else:
     ones = None
     probs = _clipped(np.asarray(probabilities).reshape(-1))
     if probs.size != n:
       raise ValueError(f'{probs.size} probabilities for {n} bits.')
-  if n:
-    encoder.encode(symbols, _bernoulli_family(), probs)
+    if n:
+      encoder.encode(symbols, _bernoulli_family(), probs)
   words = np.asarray(encoder.get_compressed(), np.uint32)
   length = 32 * words.size + (_ceil_log2(n + 1) if ones is not None else 0)
   return BernoulliCode(words=words, ones=ones, bits=length)
@@ -319,16 +326,16 @@ def bernoulli_encode(bits: np.ndarray, probabilities: np.ndarray | None = None) 
 def bernoulli_decode(code: BernoulliCode, n: int, probabilities: np.ndarray | None = None
                      ) -> np.ndarray:
   """The ``[n]`` bools :func:`bernoulli_encode` coded (with the same ``probabilities``)."""
-  if probabilities is None:
-    if code.ones is None:
-      raise ValueError('This code was made under per-bit probabilities; pass them.')
-    probs = _clipped(np.full(n, code.ones / max(n, 1)))
-  else:
-    probs = _clipped(np.asarray(probabilities).reshape(-1))
   if n == 0:
     return np.zeros(0, bool)
   decoder = constriction.stream.queue.RangeDecoder(code.words)
-  return np.asarray(decoder.decode(_bernoulli_family(), probs), np.int32).astype(bool)
+  if probabilities is None:
+    if code.ones is None:
+      raise ValueError('This code was made under per-bit probabilities; pass them.')
+    symbols = decoder.decode(_bernoulli_model(code.ones, n), n)
+  else:
+    symbols = decoder.decode(_bernoulli_family(), _clipped(np.asarray(probabilities).reshape(-1)))
+  return np.asarray(symbols, np.int32).astype(bool)
 
 
 def bernoulli_entropy_bits(n: int, ones: int) -> float:

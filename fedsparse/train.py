@@ -70,6 +70,7 @@ _PAYLOAD_PREFIX = engine.algorithm.PAYLOAD_PREFIX
 METRICS_FILE = 'metrics.jsonl'
 CONFIG_FILE = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
+MODEL_FILE = 'model.npz'  # the algorithm's compact export of the final model, if it has one
 
 
 @dataclasses.dataclass
@@ -512,9 +513,13 @@ def _run_rounds(exp: Experiment, workdir: pathlib.Path, saved: dict[str, Any],
         t0 = time.perf_counter()
         state, metrics = round_fn(state, exp.data, _round_key(config.seed, t))
         metrics = jax.device_get(metrics)
+        host_seconds = None
         if exp.algorithm.host_bits is not None:
           # Data-dependent encodings: lengths computed on the host from the round's payloads.
-          for name, value in exp.algorithm.host_bits(metrics).items():
+          t_host = time.perf_counter()
+          host = exp.algorithm.host_bits(metrics)
+          host_seconds = time.perf_counter() - t_host
+          for name, value in host.items():
             if name in metrics:  # bits, added to the round's in-jit counts
               metrics[name] = np.asarray(metrics[name], np.int64) + np.asarray(value, np.int64)
             else:  # a host-computed statistic (e.g. FedPM's entropy estimate), logged as it is
@@ -531,6 +536,8 @@ def _run_rounds(exp: Experiment, workdir: pathlib.Path, saved: dict[str, Any],
         row = {'round': t + 1, 'train_loss': float(metrics['train_loss']), 'bits_up': up,
                'bits_down': down, 'cum_bits_up': int(cum[0]), 'cum_bits_down': int(cum[1]),
                'round_seconds': seconds}
+        if host_seconds is not None:
+          row['host_bits_seconds'] = host_seconds  # of round_seconds: coding on the host
         row.update({k: float(v) for k, v in metrics.items()
                     if k not in _VECTOR_METRICS and k not in row and np.ndim(v) == 0
                     and not k.startswith(_PAYLOAD_PREFIX)})
@@ -559,7 +566,21 @@ def _run_rounds(exp: Experiment, workdir: pathlib.Path, saved: dict[str, Any],
                      _format_eta(eta))
     if manager is not None:
       manager.wait_until_finished()
+    _export(exp, state, last, workdir)
     return last
+
+
+def _export(exp: Experiment, state: Any, last: dict[str, Any], workdir: pathlib.Path) -> None:
+  """Writes the algorithm's export of the final model (atomically), if it has one."""
+  if exp.algorithm.export is None or not last:
+    return
+  arrays = exp.algorithm.export(state, _eval_key(exp.config.seed, last['round'] - 1))
+  tmp = workdir / (MODEL_FILE + '.tmp')
+  with tmp.open('wb') as f:
+    np.savez(f, **arrays)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, workdir / MODEL_FILE)
 
 
 def _evaluate(exp: Experiment, state: Any, key: jax.Array) -> dict[str, float]:
@@ -583,4 +604,6 @@ def _finish(exp: Experiment, state: Any, history: list[dict[str, Any]],
     workdir_lib.write_atomic(workdir / METRICS_FILE, ''.join(
         workdir_lib.json_row(r) + '\n' for r in history[:-1] + [last]))
   logging.info('The workdir already holds all %d rounds.', last['round'])
+  if not (workdir / MODEL_FILE).exists():
+    _export(exp, state, last, workdir)
   return last

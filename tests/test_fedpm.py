@@ -278,6 +278,22 @@ def test_run_logs_coded_uplink_beside_its_estimate_and_resumes(tmp_path):
     assert row['bits_up'] == row['uplink_bits_empirical']
     assert abs(row['bits_up'] - row['uplink_entropy_bits']) < 0.01 * row['bits_up'] + 64 * 10
     assert 'deterministic/test_accuracy' in row or 'test_accuracy' not in row
+  # The export: seed + one coded mask, which rebuilds the last evaluated network exactly.
+  exp = train.build_experiment(config)
+  for run in ('full', 'resumed'):
+    loaded = fedpm_lib.load_model(tmp_path / run / train.MODEL_FILE, exp.params)
+    ev = jax.device_get(exp.evaluate(loaded, exp.data))
+    assert float(ev['test_accuracy']) == full[-1]['test_accuracy']
+  with np.load(tmp_path / 'full' / train.MODEL_FILE) as f:
+    exported = {k: f[k] for k in f.files}
+  p = sum(np.size(w) for w in jax.tree.leaves(exp.params))
+  assert fedpm_lib.exported_bits(exported) < 1.01 * p + 64 + 64
+  assert fedpm_lib.exported_bits(exported) < p * 32 / 30
+  small = {'Dense_0': {'kernel': jnp.zeros((64, 3)), 'bias': jnp.zeros(3)}}
+  with pytest.raises(ValueError, match='another network'):
+    fedpm_lib.load_model(exported, small)
+  with pytest.raises(ValueError, match='Not a FedPM export'):
+    fedpm_lib.load_model(dict(exported, format=np.array('x')), exp.params)
 
 
 @pytest.mark.parametrize('kwargs, message', [

@@ -44,7 +44,8 @@ def read_rows(workdir: pathlib.Path) -> list[dict]:
 def smoke_dataset(config, tmp_path):
   """Real data where it is offline (digits); same-shaped generated data for tfds datasets."""
   shapes = {'mnist': ((28, 28, 1), 10), 'fashion_mnist': ((28, 28, 1), 10),
-            'cifar10': ((32, 32, 3), 10), 'cifar100': ((32, 32, 3), 100)}
+            'cifar10': ((32, 32, 3), 10), 'cifar100': ((32, 32, 3), 100),
+            'emnist': ((28, 28, 1), 47)}
   if config.dataset in shapes:
     shape, classes = shapes[config.dataset]
     return fake_npz(tmp_path / 'data.npz', shape, classes)
@@ -240,7 +241,8 @@ def test_every_algorithm_learns_on_toy_data(algorithm, tmp_path):
   config = load_config('digits_fedavg', None)
   base.set_algorithm(config, algorithm, **LEARNING_HPARAMS.get(algorithm, {}))
   config.model, config.num_rounds, config.eval_every = 'mlp', 12, 12
-  config.local_epochs, config.batch_size = 1, 16
+  # FedPM trains only a mask over frozen random weights: it needs more local work per round.
+  config.local_epochs, config.batch_size = (2 if algorithm == 'fedpm' else 1), 16
   config.learning_rate = 0.02 if algorithm == 'fedavgm' else 0.1
   train.run(config, tmp_path / 'run')
   rows = read_rows(tmp_path / 'run')

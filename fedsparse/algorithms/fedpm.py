@@ -72,8 +72,11 @@ Example:
   (4, True)
 """
 
+from collections.abc import Mapping
 import dataclasses
+import json
 import math
+import os
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -88,9 +91,10 @@ from fedsparse.data import FederatedData
 from fedsparse.engine import (Algorithm, ClientMapping, ClientProgram, CohortConfig, LocalConfig,
                               bernoulli_mask, draw_cohort, run_clients, supervised_loss)
 
-__all__ = ['ADAM_STATES', 'PRIOR_RESETS', 'UPLINK_CODERS', 'FedPMBroadcast', 'FedPMCarry',
-           'FedPMConfig', 'FedPMState', 'beta_posterior', 'fedpm', 'flatten_mask',
-           'prior_is_reset', 'signed_constants', 'unflatten_mask']
+__all__ = ['ADAM_STATES', 'EXPORT_FORMAT', 'PRIOR_RESETS', 'UPLINK_CODERS', 'FedPMBroadcast',
+           'FedPMCarry', 'FedPMConfig', 'FedPMState', 'beta_posterior', 'export_model',
+           'exported_bits', 'fedpm', 'flatten_mask', 'load_model', 'prior_is_reset',
+           'signed_constants', 'unflatten_mask']
 
 PRIOR_RESETS = ('every_round', 'periodic')
 UPLINK_CODERS = ('empirical', 'global')
@@ -146,6 +150,7 @@ class FedPMState(NamedTuple):
   beta: Any  # and its β
   client_opt: Any  # adam_state='client': [N]-stacked Adam states; otherwise None
   round: jax.Array  # int32 scalar, 0-based
+  weights_key: jax.Array  # uint32 key data the weights were drawn from (the exported "seed")
 
 
 class FedPMBroadcast(NamedTuple):
@@ -345,7 +350,8 @@ def fedpm(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
       client_opt = jax.tree.map(
           lambda x: jnp.broadcast_to(x, (data.num_clients,) + x.shape), fresh)
     return FedPMState(weights=weights, scores=scores, alpha=prior(), beta=prior(),
-                      client_opt=client_opt, round=jnp.zeros((), jnp.int32))
+                      client_opt=client_opt, round=jnp.zeros((), jnp.int32),
+                      weights_key=jax.random.key_data(weights_key))
 
   def round_fn(state: FedPMState, data: FederatedData, key: jax.Array
                ) -> tuple[FedPMState, dict[str, jax.Array]]:
@@ -376,8 +382,8 @@ def fedpm(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
         'payload_theta': jnp.concatenate([jax.nn.sigmoid(s).reshape(-1)
                                           for s in jax.tree.leaves(state.scores)]),
     }
-    new_state = FedPMState(weights=state.weights, scores=scores, alpha=alpha, beta=beta,
-                           client_opt=client_opt, round=state.round + 1)
+    new_state = state._replace(scores=scores, alpha=alpha, beta=beta, client_opt=client_opt,
+                               round=state.round + 1)
     return new_state, metrics
 
   def host_bits(metrics: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -404,7 +410,83 @@ def fedpm(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
                                           state.weights, state.scores)}
 
   return Algorithm(init=init, round=round_fn, eval_params=eval_params, host_bits=host_bits,
-                   eval_variants=eval_variants)
+                   eval_variants=eval_variants, export=export_model)
+
+
+EXPORT_FORMAT = 'fedpm-seed-and-coded-mask-v1'
+
+
+def _leaf_names(tree: Any) -> list[str]:
+  return ['/'.join(_parent(path) + (_name(path),))
+          for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def export_model(state: FedPMState, key: jax.Array) -> dict[str, np.ndarray]:
+  """The final model as the weights' seed and one coded mask (what `load_model` rebuilds).
+
+  The mask is ``eval_params``'s sample with ``key`` (the run loop passes the key of its last
+  evaluation, so the file reproduces the last logged ``test_accuracy``), coded as the uplink's
+  empirical coder codes it. The payload is 64 bits of key data plus the coded mask
+  (``exported_bits``); the arrays also name every leaf and its shape, so a file is never loaded
+  into another network.
+
+  Args:
+    state: a FedPM state.
+    key: the sampling key.
+
+  Returns:
+    Arrays for `numpy.savez`.
+  """
+  sample = _sample(state.scores, key)
+  flat = np.asarray(flatten_mask(jax.tree.map(lambda m: m[None], sample)))[0]
+  code = comm.bernoulli_encode(flat)
+  return {'format': np.array(EXPORT_FORMAT), 'weights_key': np.asarray(state.weights_key),
+          'words': code.words, 'ones': np.int64(code.ones), 'num_params': np.int64(flat.size),
+          'names': np.array(_leaf_names(state.scores)),
+          'shapes': np.array([json.dumps(list(np.shape(s))) for s in
+                              jax.tree.leaves(state.scores)])}
+
+
+def exported_bits(exported: Mapping[str, np.ndarray]) -> int:
+  """The payload of an exported model: its 64-bit seed plus its coded mask's length."""
+  code = comm.BernoulliCode(np.asarray(exported['words'], np.uint32), int(exported['ones']), 0)
+  n = int(exported['num_params'])
+  return 64 + 32 * code.words.size + math.ceil(math.log2(n + 1))
+
+
+def load_model(exported: Mapping[str, np.ndarray] | str | os.PathLike, params: Any) -> Any:
+  """Rebuilds the exported network ``W ⊙ m`` from its seed and coded mask.
+
+  Args:
+    exported: `export_model`'s arrays, or the path of the ``.npz`` file holding them (a run
+      writes ``model.npz`` into its workdir).
+    params: the model's freshly initialised params (their structure, shapes and the values of
+      any normalisation leaves, which stay frozen at their initial values).
+
+  Returns:
+    The effective params, ready for ``model.apply``.
+
+  Raises:
+    ValueError: for a file of another format or another network.
+  """
+  if not isinstance(exported, Mapping):
+    with np.load(exported) as f:
+      exported = {k: f[k] for k in f.files}
+  if str(exported.get('format', '')) != EXPORT_FORMAT:
+    raise ValueError(f'Not a FedPM export (format {exported.get("format")!r}; expected '
+                     f'{EXPORT_FORMAT!r}).')
+  names = [str(n) for n in exported['names']]
+  shapes = [tuple(json.loads(str(s))) for s in exported['shapes']]
+  want = list(zip(_leaf_names(params), [tuple(np.shape(w)) for w in jax.tree.leaves(params)]))
+  if list(zip(names, shapes)) != want:
+    raise ValueError(f'The export is of another network: its leaves {list(zip(names, shapes))} '
+                     f'differ from the params given, {want}.')
+  n = int(exported['num_params'])
+  code = comm.BernoulliCode(np.asarray(exported['words'], np.uint32), int(exported['ones']), 0)
+  mask = unflatten_mask(comm.bernoulli_decode(code, n), params)
+  key = jax.random.wrap_key_data(jnp.asarray(exported['weights_key'], jnp.uint32))
+  weights = signed_constants(key, params)
+  return jax.tree.map(lambda w, m: w * jnp.asarray(m, w.dtype), weights, mask)
 
 
 def _check_run(hp: FedPMConfig, config: Any) -> None:

@@ -48,9 +48,14 @@ class Algorithm(NamedTuple):
     eval_variants: optional ``eval_variants(state, key) -> {name: params}``: further models
       evaluated beside ``eval_params``'s, logged as ``name/test_accuracy`` etc. (e.g.
       hetero-FLASH's global model at each smaller density budget).
+    export: optional ``export(state, key) -> {name: array}``: the final model in the
+      algorithm's own compact form, written by the run loop as ``model.npz`` in the workdir
+      (``key``: the last evaluation's, so the file reproduces the last logged accuracy; e.g.
+      FedPM's seed and coded mask).
   """
   init: Callable[[jax.Array, Any, FederatedData], Any]
   round: Callable[[Any, FederatedData, jax.Array], tuple[Any, dict[str, jax.Array]]]
   eval_params: Callable[[Any, jax.Array], Any]
   host_bits: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
   eval_variants: Callable[[Any, jax.Array], dict[str, Any]] | None = None
+  export: Callable[[Any, jax.Array], dict[str, np.ndarray]] | None = None
