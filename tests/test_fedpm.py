@@ -169,6 +169,27 @@ def test_round_matches_a_hand_written_client_and_server():
   np.testing.assert_array_equal(m['bits_down'], [32 * P] * 2)
 
 
+@pytest.mark.parametrize('prior_reset, round_, accumulates', [
+    ('every_round', 3, False), ('periodic', 14, False), ('periodic', 16, True),
+    ('periodic', 20, False)])
+def test_the_round_resets_the_prior_or_accumulates(prior_reset, round_, accumulates):
+  fd = tiny_federated(num_clients=4)
+  alg = make_fedpm(clients_per_round=2, prior_reset=prior_reset, smoothing=0.1)
+  state = alg.init(jax.random.key(0), init_params(), fd)
+  # A posterior that has already seen samples: α = 3.5, β = 1.5 everywhere.
+  state = state._replace(alpha=jax.tree.map(lambda a: a + 2.5, state.alpha),
+                         beta=jax.tree.map(lambda b: b + 0.5, state.beta),
+                         round=jnp.int32(round_))
+  new, m = jax.jit(alg.round)(state, fd, jax.random.key(1))
+  ones = np.sum(np.where(np.asarray(m['payload_masks']), 0.9, 0.1), axis=0)
+  a, b = (3.5, 1.5) if accumulates else (1.0, 1.0)
+  theta = (a + ones - 1) / (a + b + 2 - 2)
+  got = np.concatenate([np.asarray(x).reshape(-1) for x in jax.tree.leaves(new.scores)])
+  np.testing.assert_allclose(got, np.log(theta / (1 - theta)), rtol=1e-5, atol=1e-5)
+  got_alpha = np.concatenate([np.asarray(x).reshape(-1) for x in jax.tree.leaves(new.alpha)])
+  np.testing.assert_allclose(got_alpha, a + ones, rtol=1e-6)
+
+
 def test_host_bits_are_real_streams_that_decode_to_the_uploaded_masks():
   fd = tiny_federated(num_clients=4)
   state = make_fedpm().init(jax.random.key(0), init_params(), fd)
