@@ -218,6 +218,31 @@ def test_host_bits_are_real_streams_that_decode_to_the_uploaded_masks():
     np.testing.assert_array_equal(m['bits_up'], [0, 0, 0])  # all of it is on the host
 
 
+def test_counts_downlink_is_the_coded_counts_that_rebuild_the_scores():
+  fd = tiny_federated(num_clients=4)
+  alg = make_fedpm(clients_per_round=3, downlink='counts')
+  state = alg.init(jax.random.key(0), init_params(), fd)
+  round_fn = jax.jit(alg.round)
+  state1, m = round_fn(state, fd, jax.random.key(1))
+  m = jax.device_get(m)
+  np.testing.assert_array_equal(m['bits_down'], [0, 0, 0])
+  np.testing.assert_array_equal(alg.host_bits(m)['bits_down'], [0, 0, 0])  # w0: the seed
+  counts = np.asarray(m['payload_masks']).sum(axis=0)
+  np.testing.assert_array_equal(state1.counts, counts)
+  _, m2 = round_fn(state1, fd, jax.random.key(2))
+  m2 = jax.device_get(m2)
+  code = comm.categorical_encode(counts, 4)
+  np.testing.assert_array_equal(alg.host_bits(m2)['bits_down'], [code.bits] * 3)
+  assert code.bits < 2 * P + 4 * 8 + 32  # at most log2(K + 1) = 2 bits per parameter here
+  # The decoded counts give the clients exactly the server's scores.
+  decoded = comm.categorical_decode(code)
+  theta = (0.99 * decoded + 0.01 * (3 - decoded)) / 3
+  got = np.concatenate([np.asarray(x).reshape(-1) for x in jax.tree.leaves(state1.scores)])
+  np.testing.assert_allclose(got, np.log(theta / (1 - theta)), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="prior_reset='every_round'"):
+    fedpm_lib.FedPMConfig(downlink='counts', prior_reset='periodic')
+
+
 def test_no_retrace_and_same_key_same_numbers_and_client_keys_differ():
   fd = tiny_federated(num_clients=6)
   alg = make_fedpm(clients_per_round=3)
@@ -323,6 +348,7 @@ def test_run_logs_coded_uplink_beside_its_estimate_and_resumes(tmp_path):
     ({'prior_reset': 'never'}, 'valid: every_round, periodic'),
     ({'uplink_coder': 'huffman'}, 'valid: empirical, global'),
     ({'adam_state': 'server'}, 'valid: reset, client'),
+    ({'downlink': 'sparse'}, 'valid: dense, counts'),
     ({'adam_b2': 1.0}, r'adam_b2 must be in \[0, 1\)'),
 ])
 def test_bad_hyperparameters_fail_fast(kwargs, message):

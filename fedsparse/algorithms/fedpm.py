@@ -32,7 +32,13 @@ Communication. Up: the sampled mask, arithmetic-coded for real on the host
 
 Both lengths are logged every round (``uplink_bits_empirical``, ``uplink_bits_global``, totals
 over the cohort) with ``uplink_bits_per_param`` of the coder in use; ``bits_up`` counts the one
-in use. Down: 32 bits per score (the global scores, dense); the frozen weights are free.
+in use. The frozen weights never travel.
+
+Down: 32 bits per score (``downlink='dense'``, the paper's), or with ``downlink='counts'`` the
+exact message that determines them: with the prior reset every round, ``θ_g`` is a function of
+the cohort's count of ones per parameter (``0..K``), which the server range-codes under its
+own histogram (`fedsparse.comm.categorical_encode`; at most ``log2(K + 1)`` bits per parameter,
+lossless). Round 0's scores come from the seed and cost nothing under ``'counts'``.
 
 Evaluation (the run loop's ``test_accuracy``) samples one mask from ``θ_g`` with the evaluation
 key, as the paper reports; ``deterministic/test_accuracy`` is the model ``W ⊙ [θ_g > 0.5]``.
@@ -91,13 +97,14 @@ from fedsparse.data import FederatedData
 from fedsparse.engine import (Algorithm, ClientMapping, ClientProgram, CohortConfig, LocalConfig,
                               bernoulli_mask, draw_cohort, run_clients, supervised_loss)
 
-__all__ = ['ADAM_STATES', 'EXPORT_FORMAT', 'PRIOR_RESETS', 'UPLINK_CODERS', 'FedPMBroadcast',
+__all__ = ['ADAM_STATES', 'DOWNLINKS', 'EXPORT_FORMAT', 'PRIOR_RESETS', 'UPLINK_CODERS', 'FedPMBroadcast',
            'FedPMCarry', 'FedPMConfig', 'FedPMState', 'beta_posterior', 'export_model',
            'exported_bits', 'fedpm', 'flatten_mask', 'load_model', 'prior_is_reset',
            'signed_constants', 'unflatten_mask']
 
 PRIOR_RESETS = ('every_round', 'periodic')
 UPLINK_CODERS = ('empirical', 'global')
+DOWNLINKS = ('dense', 'counts')
 ADAM_STATES = ('reset', 'client')
 
 _check = registry.check_choice
@@ -112,6 +119,9 @@ class FedPMConfig:
     prior: ``λ0``, the Beta prior's parameters (α = β = λ0), at least 1 (the mode needs it).
     prior_reset: one of `PRIOR_RESETS`.
     uplink_coder: one of `UPLINK_CODERS`: the coder ``bits_up`` counts (both are logged).
+    downlink: one of `DOWNLINKS`: ``'dense'`` (32 bits per score) or ``'counts'`` (the
+      cohort's count of ones per parameter, range-coded: lossless, needs
+      ``prior_reset='every_round'``).
     adam_state: one of `ADAM_STATES`.
     adam_b1: Adam's ``β1``.
     adam_b2: Adam's ``β2``.
@@ -121,6 +131,7 @@ class FedPMConfig:
   prior: float = 1.0
   prior_reset: str = 'every_round'
   uplink_coder: str = 'empirical'
+  downlink: str = 'dense'
   adam_state: str = 'reset'
   adam_b1: float = 0.9
   adam_b2: float = 0.999
@@ -133,6 +144,11 @@ class FedPMConfig:
       raise ValueError(f'prior must be >= 1 (the Beta mode needs α, β >= 1), got {self.prior!r}.')
     _check('prior_reset', self.prior_reset, PRIOR_RESETS)
     _check('uplink_coder', self.uplink_coder, UPLINK_CODERS)
+    _check('downlink', self.downlink, DOWNLINKS)
+    if self.downlink == 'counts' and self.prior_reset != 'every_round':
+      raise ValueError("downlink='counts' sends one round's counts of ones, which determine the "
+                       "global scores only when the prior is reset every round; use "
+                       "prior_reset='every_round' or downlink='dense'.")
     _check('adam_state', self.adam_state, ADAM_STATES)
     for name in ('adam_b1', 'adam_b2'):
       value = getattr(self, name)
@@ -151,6 +167,7 @@ class FedPMState(NamedTuple):
   client_opt: Any  # adam_state='client': [N]-stacked Adam states; otherwise None
   round: jax.Array  # int32 scalar, 0-based
   weights_key: jax.Array  # uint32 key data the weights were drawn from (the exported "seed")
+  counts: jax.Array  # [P] int32: last round's Σ_k m̂_k (-1 before round 0: scores from the seed)
 
 
 class FedPMBroadcast(NamedTuple):
@@ -351,7 +368,8 @@ def fedpm(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
           lambda x: jnp.broadcast_to(x, (data.num_clients,) + x.shape), fresh)
     return FedPMState(weights=weights, scores=scores, alpha=prior(), beta=prior(),
                       client_opt=client_opt, round=jnp.zeros((), jnp.int32),
-                      weights_key=jax.random.key_data(weights_key))
+                      weights_key=jax.random.key_data(weights_key),
+                      counts=jnp.full((comm.num_elements(scores),), -1, jnp.int32))
 
   def round_fn(state: FedPMState, data: FederatedData, key: jax.Array
                ) -> tuple[FedPMState, dict[str, jax.Array]]:
@@ -371,7 +389,7 @@ def fedpm(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
                                 state.client_opt, client_opt)
 
     flat = flatten_mask(samples)  # [K, P] bool: what each client sends, coded on the host
-    down = comm.dense_bits(state.scores)
+    down = comm.dense_bits(state.scores) if hp.downlink == 'dense' else 0  # else: on the host
     metrics = {
         'train_loss': jnp.mean(result.loss), 'client_loss': result.loss,
         'clients': drawn.clients, 'padding_ratio': result.padding_ratio,
@@ -379,11 +397,13 @@ def fedpm(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
         'density': jnp.mean(flat.astype(jnp.float32)),
         'theta_mean': jnp.mean(jnp.concatenate([t.reshape(-1) for t in jax.tree.leaves(theta)])),
         'payload_masks': flat,
+        'payload_counts': state.counts,  # what made the scores the cohort downloads
         'payload_theta': jnp.concatenate([jax.nn.sigmoid(s).reshape(-1)
                                           for s in jax.tree.leaves(state.scores)]),
     }
     new_state = state._replace(scores=scores, alpha=alpha, beta=beta, client_opt=client_opt,
-                               round=state.round + 1)
+                               round=state.round + 1,
+                               counts=jnp.sum(flat, axis=0, dtype=jnp.int32))
     return new_state, metrics
 
   def host_bits(metrics: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -394,7 +414,13 @@ def fedpm(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
     global_ = np.array([comm.bernoulli_encode(m, theta).bits for m in masks_], np.int64)
     entropy = sum(comm.bernoulli_entropy_bits(p, int(m.sum())) for m in masks_)
     used = empirical if hp.uplink_coder == 'empirical' else global_
-    return {'bits_up': used,
+    out = {}
+    if hp.downlink == 'counts':
+      counts = np.asarray(metrics['payload_counts'])
+      # Round 0's scores come from the seed (free); later ones from the counts of ones, 0..K.
+      down = 0 if counts[0] < 0 else comm.categorical_encode(counts, num_clients + 1).bits
+      out['bits_down'] = np.full(num_clients, down, np.int64)
+    return out | {'bits_up': used,
             'uplink_bits_empirical': float(empirical.sum()),
             'uplink_bits_global': float(global_.sum()),
             'uplink_entropy_bits': float(entropy),
