@@ -18,7 +18,7 @@ from fedsparse import engine
 from fedsparse import masks
 from fedsparse import train
 from tests.test_ssfl import init_params, mlp_apply
-from tests.test_train import load_config, read_rows
+from tests.test_train import load_config, read_rows, run_full_and_resumed
 from tests.toy import STRATEGY_MAPPINGS, tiny_federated
 
 # The module (the package re-exports the factory of the same name).
@@ -354,14 +354,7 @@ def test_run_bits_and_resume(tmp_path):
   config.num_rounds, config.checkpoint_every = 4, 1
   config.feddst.readjust_every, config.feddst.alpha = 1, 0.2
   config.feddst.readjust_end = 2  # explicit: the cut first invocation runs the same schedule
-  train.run(config, tmp_path / 'full')
-  short = config.copy_and_resolve_references()
-  short.num_rounds = 2
-  train.run(short, tmp_path / 'resumed')
-  train.run(config, tmp_path / 'resumed')
-  strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith('seconds')} for r in rows]
-  full, resumed = read_rows(tmp_path / 'full'), read_rows(tmp_path / 'resumed')
-  assert strip(resumed) == strip(full)
+  full = run_full_and_resumed(config, tmp_path)
   exp = train.build_experiment(config)
   prunable = masks.prunable_leaves(exp.params)
   densities = masks.allocate_densities(exp.params, prunable, 0.2, 'erk')

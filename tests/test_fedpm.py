@@ -14,7 +14,7 @@ from fedsparse import comm
 from fedsparse import engine
 from fedsparse import train
 from tests.test_ssfl import init_params, mlp_apply
-from tests.test_train import load_config, read_rows
+from tests.test_train import load_config, run_full_and_resumed
 from tests.toy import tiny_federated
 
 fedpm_lib = importlib.import_module('fedsparse.algorithms.fedpm')
@@ -312,14 +312,7 @@ def test_run_logs_coded_uplink_beside_its_estimate_and_resumes(tmp_path):
   config = load_config('mnist_fedpm')
   config.dataset, config.model, config.num_rounds = 'digits', 'mlp', 3
   config.checkpoint_every = 1
-  train.run(config, tmp_path / 'full')
-  short = config.copy_and_resolve_references()
-  short.num_rounds = 2
-  train.run(short, tmp_path / 'resumed')
-  train.run(config, tmp_path / 'resumed')
-  strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith('seconds')} for r in rows]
-  full = read_rows(tmp_path / 'full')
-  assert strip(read_rows(tmp_path / 'resumed')) == strip(full)
+  full = run_full_and_resumed(config, tmp_path)
   for row in full:
     assert row['bits_up'] == row['uplink_bits_empirical']
     assert abs(row['bits_up'] - row['uplink_entropy_bits']) < 0.01 * row['bits_up'] + 64 * 10

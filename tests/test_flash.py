@@ -19,7 +19,7 @@ from fedsparse import engine
 from fedsparse import masks
 from fedsparse import train
 from tests.test_ssfl import init_params, mlp_apply
-from tests.test_train import load_config, read_rows
+from tests.test_train import load_config, read_rows, run_full_and_resumed
 from tests.toy import STRATEGY_MAPPINGS, tiny_federated
 
 # The module (the package re-exports the factory of the same name).
@@ -603,14 +603,7 @@ def test_run_bits_budgets_and_resume(tmp_path):
   config.flash.mode, config.flash.hetero = 'jmwst', True
   config.flash.hunt_epochs = 2
   config.num_rounds, config.checkpoint_every, config.eval_every = 4, 1, 2
-  train.run(config, tmp_path / 'full')
-  short = config.copy_and_resolve_references()
-  short.num_rounds = 2
-  train.run(short, tmp_path / 'resumed')
-  train.run(config, tmp_path / 'resumed')
-  strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith('seconds')} for r in rows]
-  full, resumed = read_rows(tmp_path / 'full'), read_rows(tmp_path / 'resumed')
-  assert strip(resumed) == strip(full)
+  full = run_full_and_resumed(config, tmp_path)
   exp = train.build_experiment(config)
   state = exp.algorithm.init(train._algorithm_key(config.seed), exp.params, exp.data)
   prunable = masks.prunable_leaves(exp.params)

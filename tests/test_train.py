@@ -41,6 +41,20 @@ def read_rows(workdir: pathlib.Path) -> list[dict]:
   return [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
 
 
+def run_full_and_resumed(config, tmp_path: pathlib.Path, cut: int = 2) -> list[dict]:
+  """Runs ``config`` whole into ``full`` and, into ``resumed``, cut after ``cut`` rounds and
+  resumed; asserts both logged the same rows (timings aside) and returns them."""
+  train.run(config, tmp_path / 'full')
+  short = config.copy_and_resolve_references()
+  short.num_rounds = cut
+  train.run(short, tmp_path / 'resumed')
+  train.run(config, tmp_path / 'resumed')
+  strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith('seconds')} for r in rows]
+  full = read_rows(tmp_path / 'full')
+  assert strip(read_rows(tmp_path / 'resumed')) == strip(full)
+  return full
+
+
 def smoke_dataset(config, tmp_path):
   """Real data where it is offline (digits); same-shaped generated data for tfds datasets."""
   shapes = {'mnist': ((28, 28, 1), 10), 'fashion_mnist': ((28, 28, 1), 10),
@@ -217,14 +231,8 @@ def test_resumed_ssfl_run_neither_scores_again_nor_loses_its_mask(tmp_path):
   config = load_config('mnist_ssfl')
   config.dataset, config.model = 'digits', 'mlp'
   config.num_rounds, config.checkpoint_every = 4, 1
-  strip = lambda rows: [{k: v for k, v in r.items() if not k.endswith('seconds')} for r in rows]
-  train.run(config, tmp_path / 'full')
-  short = config.copy_and_resolve_references()
-  short.num_rounds = 2
-  train.run(short, tmp_path / 'resumed')
-  train.run(config, tmp_path / 'resumed')
-  full, resumed = read_rows(tmp_path / 'full'), read_rows(tmp_path / 'resumed')
-  assert strip(resumed) == strip(full)
+  full = run_full_and_resumed(config, tmp_path)
+  resumed = read_rows(tmp_path / 'resumed')
   # Scoring traffic only in round 1; the density stays the chosen one after the resume.
   assert full[2]['bits_up'] == full[1]['bits_up'] < full[0]['bits_up']
   assert all(abs(r['density'] - config.ssfl.density) < 1e-3 for r in resumed)

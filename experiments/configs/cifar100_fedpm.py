@@ -13,30 +13,9 @@ Command (needs the TFDS CIFAR-100 data; a GPU)::
 Not run here (no GPU and no CIFAR-100 offline); ``:smoke`` runs everywhere.
 """
 
-from experiments.configs import base
-
-
-def setting(c):
-  """The official CIFAR-100 setting on any config."""
-  c.dataset = 'cifar100'
-  c.model = 'conv10'
-  c.partition = 'iid'
-  c.classes_per_client = 2
-  c.num_clients = 10
-  c.clients_per_round = 10
-  c.sample_with_replacement = False
-  c.weighted_aggregation = False
-  c.num_rounds = 400
-  c.local_epochs = 3
-  c.batch_size = 128
-  c.learning_rate = 0.1
-  c.eval_every = 5
-  return c
+from experiments.configs import mnist_fedpm
 
 
 def get_config(arg: str | None = None):
-  c = setting(base.base_config())
-  base.set_algorithm(c, 'fedpm')
-  if base.is_smoke(arg):
-    c = base.smoke(c)
-  return c
+  return mnist_fedpm.make(arg, dataset='cifar100', model='conv10', local_epochs=3,
+                         num_rounds=400)

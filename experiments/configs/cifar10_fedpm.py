@@ -12,30 +12,9 @@ Command (needs the TFDS CIFAR-10 data; a GPU)::
 Not run here (no GPU and no CIFAR-10 offline); ``:smoke`` runs everywhere.
 """
 
-from experiments.configs import base
-
-
-def setting(c):
-  """The official CIFAR-10 setting on any config."""
-  c.dataset = 'cifar10'
-  c.model = 'conv6'
-  c.partition = 'iid'
-  c.classes_per_client = 2
-  c.num_clients = 50
-  c.clients_per_round = 5
-  c.sample_with_replacement = False
-  c.weighted_aggregation = False
-  c.num_rounds = 200
-  c.local_epochs = 3
-  c.batch_size = 128
-  c.learning_rate = 0.1
-  c.eval_every = 5
-  return c
+from experiments.configs import mnist_fedpm
 
 
 def get_config(arg: str | None = None):
-  c = setting(base.base_config())
-  base.set_algorithm(c, 'fedpm')
-  if base.is_smoke(arg):
-    c = base.smoke(c)
-  return c
+  return mnist_fedpm.make(arg, dataset='cifar10', model='conv6', num_clients=50,
+                         clients_per_round=5, local_epochs=3, num_rounds=200)

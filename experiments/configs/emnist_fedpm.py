@@ -15,30 +15,8 @@ Command (needs the TFDS EMNIST data; ≈ 80 TFLOP per round, so a GPU)::
 Not run here (no GPU and no EMNIST offline); ``:smoke`` runs everywhere.
 """
 
-from experiments.configs import base
-
-
-def setting(c):
-  """The official EMNIST setting on any config."""
-  c.dataset = 'emnist'
-  c.model = 'conv4'
-  c.partition = 'iid'
-  c.classes_per_client = 2
-  c.num_clients = 10
-  c.clients_per_round = 10
-  c.sample_with_replacement = False
-  c.weighted_aggregation = False
-  c.num_rounds = 200
-  c.local_epochs = 3
-  c.batch_size = 128
-  c.learning_rate = 0.1
-  c.eval_every = 5
-  return c
+from experiments.configs import mnist_fedpm
 
 
 def get_config(arg: str | None = None):
-  c = setting(base.base_config())
-  base.set_algorithm(c, 'fedpm')
-  if base.is_smoke(arg):
-    c = base.smoke(c)
-  return c
+  return mnist_fedpm.make(arg, dataset='emnist', model='conv4', local_epochs=3, num_rounds=200)
