@@ -15,7 +15,12 @@ Commands (offline, with the MNIST file beside the checkout)::
   ... --config.partition=classes --workdir=/tmp/mnist_fedpm_noniid
   ... --config.fedpm.uplink_coder=global   # code each bit under the global θ instead
 
-Expected results: see the README's "FedPM on MNIST" table (measured with these commands).
+Expected results (IID, seed 0, measured with the first command on the 2-core CPU): pooled test
+accuracy with one sampled mask 90.70 % at round 10, 96.76 % at 50, 96.87 % at 100 (best 97.83 %);
+the deterministic θ > 0.5 model 94.63, 97.86 and 98.42 %. Uplink 0.993-1.000 bit per parameter
+with the paper's coder (within 0.021 % of n·H2(p̂) + log2 n), 0.35 with the global-θ coder from
+round 30; 32.6 MB up in all. The non-IID row is not measured yet. Details: the README's "FedPM
+on MNIST".
 """
 
 from experiments.configs import base
