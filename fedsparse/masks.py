@@ -64,6 +64,7 @@ import optax
 __all__ = [
     'ALLOCATIONS',
     'TIES',
+    'smallest_density',
     'SCOPES',
     'prunable_leaves',
     'default_prunable',
@@ -357,6 +358,24 @@ def keep_count(density: float, n: int) -> int:
     raise ValueError(f'n must be non-negative, got {n}.')
   return min(max(math.floor(round(d * n, 6)), 0), n)
 
+
+
+def smallest_density(n: int) -> float:
+  """The smallest density of two significant digits that keeps at least one of ``n`` entries.
+
+  For error messages: ``1 / n`` printed to two digits rounds down as often as up (``3.8e-06``
+  for ``n = 261250`` keeps none), so the hint is rounded up, then checked with `keep_count`.
+
+  Example:
+    >>> smallest_density(261250)
+    3.9e-06
+  """
+  x = 1.0 / n
+  scale = 10.0 ** (math.floor(math.log10(x)) - 1)
+  d = float(f'{math.ceil(x / scale) * scale:.2g}')
+  while keep_count(d, n) < 1:
+    d = float(f'{d + scale:.2g}')
+  return d
 
 def layer_counts(params: Any, prunable: Any, densities: Any) -> Any:
   """Entries kept per leaf: ``keep_count(d_l, n_l)`` when prunable, ``n_l`` otherwise.

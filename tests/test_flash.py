@@ -712,10 +712,16 @@ def test_bad_setups_fail_fast(tmp_path):
                      learning_rate=0.1, server_optimizer=optax.sgd(1.0))
   with pytest.raises(ValueError, match='at least one cohort slot per budget'):
     make_flash(clients_per_round=2, hetero=True, budget_assignment='slot')
-  with pytest.raises(ValueError, match='No prunable leaf'):
+  with pytest.raises(ValueError, match='excludes every prunable leaf .hidden/kernel, out/kernel'):
     make_flash(exclude_layers='kernel').init(jax.random.key(0), init_params(), fd)
-  with pytest.raises(ValueError, match='keeps no weight'):
+  # 152 prunable weights: the hint is the smallest density that keeps one, and it does.
+  with pytest.raises(ValueError, match='keeps no weight of the 152 prunable ones; use at least '
+                                       '0.0066'):
     make_flash(density=0.001).init(jax.random.key(0), init_params(), fd)
+  make_flash(density=0.0066).init(jax.random.key(0), init_params(), fd)
+  # PDST's per-layer floor: 0.01 keeps 1 of the 128 hidden weights but none of the 24 out ones.
+  with pytest.raises(ValueError, match="keeps no weight of out/kernel under PDST"):
+    make_flash('pdst', density=0.01).init(jax.random.key(0), init_params(), fd)
   with pytest.raises(ValueError, match='needs the federated data'):
     make_flash().init(jax.random.key(0), init_params(), None)
   config = load_config('mnist_flash')

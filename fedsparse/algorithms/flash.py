@@ -165,7 +165,8 @@ def _fraction(name: str, value: Any, closed: bool) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class FLASHConfig:
-  """FLASH's own hyperparameters (the config section ``flash``); defaults: the paper's.
+  """FLASH's own hyperparameters (the config section ``flash``); defaults: the paper's (but see
+  ``exclude_layers``).
 
   Attributes:
     mode: one of `MODES`: ``'spdst'`` (hunted densities, static random mask), ``'jmwst'``
@@ -184,7 +185,10 @@ class FLASHConfig:
     budget_assignment: one of `BUDGET_ASSIGNMENTS`: a budget per client (fixed for the run) or
       per cohort slot (the official code).
     exclude_layers: comma-separated regular expressions; prunable leaves whose ``/``-joined path
-      (e.g. ``Dense_1/kernel``) matches one (``re.search``) stay dense.
+      (e.g. ``Dense_1/kernel``) matches one (``re.search``) stay dense. The default ``''``
+      masks every kernel, the classifier's too; the paper's rule (not the classifier) needs the
+      classifier's name, which depends on the model (``'^Dense_1/'`` for MNISTNet, as the FLASH
+      configs set it).
     mask_enforcement: one of `fedsparse.engine.ENFORCEMENTS`: ``'step'`` trains ``w`` and
       re-masks after every step (the official code), ``'forward'`` trains ``w ⊙ m``.
   """
@@ -506,6 +510,15 @@ def _check_exclusions(hp: FLASHConfig, params: Any, prunable: Callable[..., bool
     if not any(re.search(pattern, path) for path in paths):
       raise ValueError(f'exclude_layers: {pattern!r} matches none of the prunable leaves '
                        f'({", ".join(paths)}).')
+  if paths and all(any(re.search(p, path) for p in hp.exclude_patterns) for path in paths):
+    raise ValueError(f'exclude_layers {hp.exclude_layers!r} excludes every prunable leaf '
+                     f'({", ".join(paths)}): FLASH needs at least one masked layer.')
+
+
+def _prunable_names(params: Any, predicate: Callable[..., bool]) -> list[str]:
+  """The ``/``-joined paths of the masked leaves, in `jax.tree.leaves` order."""
+  flags = jax.tree.leaves(masks.prunable_leaves(params, predicate))
+  return ['/'.join(path) for path, f in zip(masks.leaf_paths(params), flags) if f]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -573,7 +586,14 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
     _, sizes, _ = layout(params)
     if masks.keep_count(hp.density, sum(sizes)) < 1:
       raise ValueError(f'density {hp.density} keeps no weight of the {sum(sizes)} prunable ones; '
-                       f'use at least {1 / sum(sizes):.2g}.')
+                       f'use at least {masks.smallest_density(sum(sizes))}.')
+    if hp.mode == 'pdst':
+      empty = [name for name, n in zip(_prunable_names(params, predicate), sizes)
+               if masks.keep_count(hp.density, n) < 1]
+      if empty:
+        raise ValueError(f'density {hp.density} keeps no weight of {", ".join(empty)} under '
+                         f'PDST\'s uniform per-layer density; use at least '
+                         f'{masks.smallest_density(min(sizes))}.')
     # Under a trace (the run loop's eval_shape check) the caller compiles: no nested options.
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, key)))
     return (init_state if traced else init_jit)(key, params, data)

@@ -261,7 +261,7 @@ def ssfl(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Loc
     p_prunable = masks.num_prunable(params, prunable_)
     if masks.keep_count(hp.density, p_prunable) < 1:
       raise ValueError(f'density {hp.density} keeps no weight of the {p_prunable} prunable '
-                       f'ones; use at least {1 / p_prunable:.2g}.')
+                       f'ones; use at least {masks.smallest_density(p_prunable)}.')
     return SSFLState(params=params, opt_state=server_optimizer.init(params),
                      mask=masks.ones_like(params), round=jnp.zeros((), jnp.int32))
 
