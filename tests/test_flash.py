@@ -496,6 +496,8 @@ def test_every_round_exact_counts_zeros_and_bits(mode, hetero, assignment, inter
       budget = np.asarray(state.client_budget)[np.asarray(m['clients'])]
     host = alg.host_bits(m)
     assert sum(layer_counts(state.mask)) == total
+    assert [m['layer_density/hidden/kernel'], m['layer_density/out/kernel']] == pytest.approx(
+        [layer_counts(state.mask)[0] / 128, layer_counts(state.mask)[1] / 24])
     for name in ('hidden', 'out'):
       w, mk = np.asarray(state.params[name]['kernel']), np.asarray(state.mask[name]['kernel'])
       assert np.all(w[~mk] == 0)

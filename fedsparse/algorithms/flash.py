@@ -696,6 +696,11 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
         'payload_hunt': state.round == 0, 'payload_hunters': state.hunters,
         'payload_hunt_counts': state.hunt_counts,
     }
+    # Per-layer densities of the global mask (stage 1's hunted ones from round 1 on; JMWST's as
+    # its mask moves), logged as scalars named by the layer's path.
+    masked = [m for m, f in zip(jax.tree.leaves(mask), jax.tree.leaves(prunable_)) if f]
+    for name, n, m in zip(_prunable_names(state.params, predicate), sizes, masked):
+      metrics[f'layer_density/{name}'] = jnp.sum(m, dtype=jnp.float32) / n
     new_state = state._replace(params=params, mask=mask, round=state.round + 1,
                                mask_version=state.mask_version + (gained > 0).astype(jnp.int32),
                                client_mask_version=client_version)
