@@ -14,7 +14,7 @@ Example:
   >>> algorithms.registry.get('fedsgd')
   Traceback (most recent call last):
   ...
-  ValueError: Unknown algorithm 'fedsgd'; valid: fedavg, fedavgm, ssfl, feddst, random_mask, flash.
+  ValueError: Unknown algorithm 'fedsgd'; valid: fedavg, fedavgm, ssfl, feddst, random_mask, flash, fedpm.
 """
 
 import dataclasses
