@@ -305,7 +305,7 @@ def _make_workdir(workdir: pathlib.Path) -> bool:
 
 def _clear(workdir: pathlib.Path) -> None:
   """Removes what a run writes into ``workdir`` (and nothing else)."""
-  for name in (METRICS_FILE, CONFIG_FILE):
+  for name in (METRICS_FILE, CONFIG_FILE, MODEL_FILE, MODEL_FILE + '.tmp'):
     (workdir / name).unlink(missing_ok=True)
   shutil.rmtree(workdir / CHECKPOINT_DIR, ignore_errors=True)
 
@@ -495,6 +495,7 @@ def _run_rounds(exp: Experiment, workdir: pathlib.Path, saved: dict[str, Any],
     else:
       history = []
       shutil.rmtree(workdir / CHECKPOINT_DIR, ignore_errors=True)  # stale or partial saves
+      (workdir / MODEL_FILE).unlink(missing_ok=True)  # an earlier run's export is not this one's
     workdir_lib.write_atomic(workdir / CONFIG_FILE, json.dumps(saved, indent=2, sort_keys=True)
                              + '\n')
     metrics_path = workdir / METRICS_FILE
@@ -610,6 +611,7 @@ def _finish(exp: Experiment, state: Any, history: list[dict[str, Any]],
     workdir_lib.write_atomic(workdir / METRICS_FILE, ''.join(
         workdir_lib.json_row(r) + '\n' for r in history[:-1] + [last]))
   logging.info('The workdir already holds all %d rounds.', last['round'])
-  if not (workdir / MODEL_FILE).exists():
-    _export(exp, state, last, workdir)
+  # Always rewritten (it is cheap): a file left by a run cut before its export, or by an
+  # earlier run in this workdir, must not stand for this state.
+  _export(exp, state, last, workdir)
   return last

@@ -66,8 +66,18 @@ def test_masked_forward_gradient_is_the_theta_scaled_straight_through_estimate()
     theta = 1 / (1 + np.exp(-np.asarray(s[name])))
     np.testing.assert_allclose(g[name], theta * np.asarray(x[name] * w[name]) * theta * (1 - theta),
                                rtol=1e-6)
-  # The forward is W ⊙ m with a 0/1 mask; each leaf draws its own.
+  # A loss whose ∂L/∂m depends on m: L = ½ Σ (x ⊙ W ⊙ m)², ∂L/∂m = (x W)² m with the forward's
+  # own sample m, so ∂L/∂s = θ · (x W)² m · θ (1 − θ).
   eff = fedpm_lib._masked(w, s, jax.random.key(0))
+  square = lambda s: sum(0.5 * jnp.sum((xi * ei) ** 2) for xi, ei in zip(  # pylint: disable=g-long-lambda
+      jax.tree.leaves(x), jax.tree.leaves(fedpm_lib._masked(w, s, jax.random.key(0)))))
+  g = jax.grad(square)(s)
+  for name in ('a', 'b'):
+    theta = 1 / (1 + np.exp(-np.asarray(s[name])))
+    m = np.asarray(eff[name]) / np.asarray(w[name])
+    np.testing.assert_allclose(
+        g[name], theta * np.asarray(x[name] * w[name]) ** 2 * m * theta * (1 - theta), rtol=1e-6)
+  # The forward is W ⊙ m with a 0/1 mask; each leaf draws its own.
   for name in ('a', 'b'):
     ratio = np.asarray(eff[name]) / np.asarray(w[name])
     assert set(ratio.tolist()) <= {0.0, 1.0}
@@ -290,6 +300,35 @@ def test_adam_state_kept_per_client_only_when_asked():
   assert np.any(np.asarray(m1['payload_masks']) != np.asarray(m2['payload_masks']))
 
 
+def test_kept_adam_states_go_to_their_clients_and_a_repeated_client_keeps_its_first_slot():
+  stacked = {'mu': jnp.zeros((5, 2))}
+  new = {'mu': jnp.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0], [4.0, 4.0]])}
+  out = fedpm_lib._keep_client_states(stacked, new, jnp.array([1, 3, 1, 0]))
+  np.testing.assert_array_equal(out['mu'], [[4, 4], [1, 1], [0, 0], [2, 2], [0, 0]])
+  out = jax.jit(fedpm_lib._keep_client_states)(stacked, new, jnp.array([2, 2, 2, 4]))
+  np.testing.assert_array_equal(out['mu'], [[0, 0], [0, 0], [1, 1], [0, 0], [4, 4]])
+
+
+def test_kept_adam_states_accumulate_per_client_over_rounds_with_other_cohorts():
+  fd = tiny_federated(num_clients=5)
+  alg = make_fedpm(clients_per_round=2, adam_state='client')
+  state = alg.init(jax.random.key(0), init_params(), fd)
+  local = engine.LocalConfig(batch_size=8, local_epochs=1)
+  steps = np.asarray(engine.client_steps(fd.client_size, local)[1])
+  assert len(set(steps.tolist())) > 1  # uneven clients: a state given to another client shows
+  expected = np.zeros(5, np.int64)
+  round_fn = jax.jit(alg.round)
+  cohorts = set()
+  for t in range(4):
+    state, metrics = round_fn(state, fd, jax.random.key(10 + t))
+    clients = np.asarray(metrics['clients'])
+    cohorts.add(tuple(sorted(clients.tolist())))
+    expected[clients] += steps[clients]
+    counts = np.asarray(jax.tree.leaves(state.client_opt)[0])  # Adam's step count per client
+    np.testing.assert_array_equal(counts, expected)
+  assert len(cohorts) > 1
+
+
 def test_eval_sampled_and_deterministic_models():
   fd = tiny_federated(num_clients=4)
   alg = make_fedpm()
@@ -311,7 +350,7 @@ def test_eval_sampled_and_deterministic_models():
 def test_run_logs_coded_uplink_beside_its_estimate_and_resumes(tmp_path):
   config = load_config('mnist_fedpm')
   config.dataset, config.model, config.num_rounds = 'digits', 'mlp', 3
-  config.checkpoint_every = 1
+  config.checkpoint_every, config.local_epochs = 1, 1
   full = run_full_and_resumed(config, tmp_path)
   for row in full:
     assert row['bits_up'] == row['uplink_bits_empirical']
@@ -333,11 +372,33 @@ def test_run_logs_coded_uplink_beside_its_estimate_and_resumes(tmp_path):
     fedpm_lib.load_model(exported, small)
   with pytest.raises(ValueError, match='Not a FedPM export'):
     fedpm_lib.load_model(dict(exported, format=np.array('x')), exp.params)
+  # A file that is not this state's (a run cut before its export, an earlier run's) is rewritten
+  # when the finished workdir is run again, and --overwrite deletes it with the rest.
+  (tmp_path / 'resumed' / train.MODEL_FILE).write_bytes(b'stale')
+  train.run(config, tmp_path / 'resumed')
+  loaded = fedpm_lib.load_model(tmp_path / 'resumed' / train.MODEL_FILE, exp.params)
+  assert float(jax.device_get(exp.evaluate(loaded, exp.data))['test_accuracy']) == (
+      full[-1]['test_accuracy'])
+  train._clear(tmp_path / 'resumed')
+  assert not (tmp_path / 'resumed' / train.MODEL_FILE).exists()
+
+
+def test_kept_adam_states_and_accumulated_posteriors_resume_exactly(tmp_path):
+  config = load_config('mnist_fedpm')
+  config.dataset, config.model, config.batch_size, config.local_epochs = 'digits', 'mlp', 64, 1
+  config.num_clients, config.clients_per_round, config.sample_with_replacement = 6, 4, True
+  config.fedpm.adam_state, config.fedpm.prior_reset = 'client', 'periodic'
+  # Cut at round 17: inside a period of the accumulating posterior (resets at 0-based 15, 20).
+  config.num_rounds, config.checkpoint_every, config.eval_every = 19, 17, 17
+  run_full_and_resumed(config, tmp_path, cut=17)
 
 
 @pytest.mark.parametrize('kwargs, message', [
     ({'smoothing': 0.5}, r'smoothing must be in \(0, 0.5\)'),
-    ({'prior': 0.5}, 'prior must be >= 1'),
+    ({'prior': 0.5}, 'prior must be finite and >= 1'),
+    ({'prior': float('inf')}, 'prior must be finite and >= 1'),
+    ({'adam_eps': float('inf')}, 'adam_eps must be positive and finite'),
+    ({'adam_eps': 0.0}, 'adam_eps must be positive and finite'),
     ({'prior_reset': 'never'}, 'valid: every_round, periodic'),
     ({'uplink_coder': 'huffman'}, 'valid: empirical, global'),
     ({'adam_state': 'server'}, 'valid: reset, client'),
@@ -349,9 +410,16 @@ def test_bad_hyperparameters_fail_fast(kwargs, message):
     fedpm_lib.FedPMConfig(**kwargs)
 
 
-def test_sgd_settings_are_refused(tmp_path):
+@pytest.mark.parametrize('key, value, message', [
+    ('momentum', 0.9, 'momentum is a setting of the SGD clients'),
+    ('weighted_aggregation', True, 'set weighted_aggregation=False'),
+    ('server_optimizer', 'momentum', 'Beta posterior.*no server optimizer'),
+    ('server_learning_rate', 0.5, 'Beta posterior.*no server optimizer'),
+])
+def test_settings_fedpm_does_not_use_are_refused(key, value, message, tmp_path):
   config = load_config('mnist_fedpm')
-  config.dataset, config.model, config.momentum = 'digits', 'mlp', 0.9
-  with pytest.raises(ValueError, match='momentum is a setting of the SGD clients'):
+  config.dataset, config.model = 'digits', 'mlp'
+  config[key] = value
+  with pytest.raises(ValueError, match=message):
     train.run(config, tmp_path / 'run')
   assert not (tmp_path / 'run' / 'metrics.jsonl').exists()

@@ -251,6 +251,7 @@ def test_every_algorithm_learns_on_toy_data(algorithm, tmp_path):
   config.model, config.num_rounds, config.eval_every = 'mlp', 12, 12
   # FedPM trains only a mask over frozen random weights: it needs more local work per round.
   config.local_epochs, config.batch_size = (2 if algorithm == 'fedpm' else 1), 16
+  config.weighted_aggregation = algorithm != 'fedpm'  # FedPM's posterior has no client weights
   config.learning_rate = 0.02 if algorithm == 'fedavgm' else 0.1
   train.run(config, tmp_path / 'run')
   rows = read_rows(tmp_path / 'run')
