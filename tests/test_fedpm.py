@@ -69,8 +69,10 @@ def test_masked_forward_gradient_is_the_theta_scaled_straight_through_estimate()
   # A loss whose ∂L/∂m depends on m: L = ½ Σ (x ⊙ W ⊙ m)², ∂L/∂m = (x W)² m with the forward's
   # own sample m, so ∂L/∂s = θ · (x W)² m · θ (1 − θ).
   eff = fedpm_lib._masked(w, s, jax.random.key(0))
-  square = lambda s: sum(0.5 * jnp.sum((xi * ei) ** 2) for xi, ei in zip(  # pylint: disable=g-long-lambda
-      jax.tree.leaves(x), jax.tree.leaves(fedpm_lib._masked(w, s, jax.random.key(0)))))
+  def square(s):
+    masked = fedpm_lib._masked(w, s, jax.random.key(0))
+    return sum(0.5 * jnp.sum((xi * ei) ** 2)
+               for xi, ei in zip(jax.tree.leaves(x), jax.tree.leaves(masked)))
   g = jax.grad(square)(s)
   for name in ('a', 'b'):
     theta = 1 / (1 + np.exp(-np.asarray(s[name])))

@@ -10,7 +10,8 @@ Command (needs the TFDS CIFAR-100 data; a GPU)::
 
   python -m experiments.run --config=experiments/configs/cifar100_fedpm.py --workdir=/tmp/cifar100_fedpm
 
-Not run here (no GPU and no CIFAR-100 offline); ``:smoke`` runs everywhere.
+Not run here (no GPU and no CIFAR-100 offline); ``:smoke`` runs with the data prepared (the
+tests smoke it on generated CIFAR-shaped data).
 """
 
 from experiments.configs import mnist_fedpm

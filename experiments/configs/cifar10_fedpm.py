@@ -9,7 +9,8 @@ Command (needs the TFDS CIFAR-10 data; a GPU)::
 
   python -m experiments.run --config=experiments/configs/cifar10_fedpm.py --workdir=/tmp/cifar10_fedpm
 
-Not run here (no GPU and no CIFAR-10 offline); ``:smoke`` runs everywhere.
+Not run here (no GPU and no CIFAR-10 offline); ``:smoke`` runs with the data prepared or with
+``--config.dataset=digits``.
 """
 
 from experiments.configs import mnist_fedpm

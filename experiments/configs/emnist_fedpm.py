@@ -12,7 +12,8 @@ Command (needs the TFDS EMNIST data; ≈ 80 TFLOP per round, so a GPU)::
 
   python -m experiments.run --config=experiments/configs/emnist_fedpm.py --workdir=/tmp/emnist_fedpm
 
-Not run here (no GPU and no EMNIST offline); ``:smoke`` runs everywhere.
+Not run here (no GPU and no EMNIST offline); ``:smoke`` runs with the data prepared or with
+``--config.dataset=digits``.
 """
 
 from experiments.configs import mnist_fedpm

@@ -32,8 +32,8 @@ def setting(c, **overrides):
   """FedPM's setting on any config, MNIST's unless ``overrides`` say otherwise.
 
   10 IID clients, all in every round, unweighted; Adam at lr 0.1 on the scores, batch 128;
-  MNISTNet on MNIST, 3 local epochs (the official MNIST yaml's), 40 rounds. The other FedPM configs override data, model,
-  clients, epochs and rounds.
+  MNISTNet on MNIST, 3 local epochs (the official MNIST yaml's), 40 rounds. The other FedPM
+  configs override data, model, clients, epochs and rounds.
   """
   c.dataset = 'mnist'
   c.model = 'mnistnet'
