@@ -293,9 +293,14 @@ def _reduce_window_max(x, window, strides):
                            'VALID')
 
 
-def _scatter_back(g: jax.Array, idx: jax.Array, k: int, axis: int, step: int,
-                  size: int) -> jax.Array:
-  """Transpose of "candidate n = slice at offset n * step along ``axis``": a masked pad-sum.
+def _scatter_back(g: jax.Array, idx: jax.Array, k: int, axis: int, step: int) -> jax.Array:
+  """Transpose of "candidate n = slice at offset n * step along ``axis``": masked shifted sums.
+
+  ``out[r] = sum_n [idx[r - n * step] == n] * g[r - n * step]`` along ``axis``. ``g`` and
+  ``idx`` are padded once by ``(k - 1) * step`` on both sides (``idx`` with -1, which matches no
+  candidate) and every term is a plain slice of the padded arrays, rather than one pad per term
+  (the transpose of each slice taken alone), which XLA:CPU fused as k bounds-checked pads: up
+  to 1.2x faster for MNISTNet's pools (batch 32, inside a loop).
 
   Args:
     g: gradient of the pass output, ``[b, rows, cols]``.
@@ -303,53 +308,66 @@ def _scatter_back(g: jax.Array, idx: jax.Array, k: int, axis: int, step: int,
     k: number of candidates.
     axis: the sliced axis, 1 (rows) or 2 (flattened columns-and-channels).
     step: offset between candidates along ``axis`` (1 for rows, c for flat columns).
-    size: length of the pass input along ``axis``.
+
   Returns:
-    The gradient of the pass input.
+    The gradient of the pass input, ``(k - 1) * step`` longer than ``g`` along ``axis``.
   """
+  width = (k - 1) * step
+  pads = [(0, 0)] * 3
+  pads[axis] = (width, width)
+  g, idx = jnp.pad(g, pads), jnp.pad(idx, pads, constant_values=-1)
+  size = g.shape[axis] - width
   total = None
   for n in range(k):
-    lo = n * step
-    pads = [(0, 0, 0), (0, 0, 0), (0, 0, 0)]
-    pads[axis] = (lo, size - lo - g.shape[axis], 0)
-    part = lax.pad(jnp.where(idx == n, g, jnp.zeros_like(g)), jnp.array(0, g.dtype), pads)
+    start = width - n * step
+    part = jnp.where(lax.slice_in_dim(idx, start, start + size, axis=axis) == n,
+                     lax.slice_in_dim(g, start, start + size, axis=axis), 0)
     total = part if total is None else total + part
   return total
 
 
+def _separable_max_pool_passes(x, window):
+  """The per-row maxima over kw columns (materialised) and the kh x kw maxima made from them."""
+  (kh, kw) = window
+  cols = _reduce_window_max(x, (1, kw), (1, 1))
+  return cols, _reduce_window_max(cols, (kh, 1), (1, 1))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _separable_max_pool(x: jax.Array, window: tuple[int, int]) -> jax.Array:
-  return _reduce_window_max(x, window, (1, 1))
+  return _separable_max_pool_passes(x, window)[1]
 
 
 def _separable_max_pool_fwd(x, window):
-  out = _reduce_window_max(x, window, (1, 1))
-  return out, (x, out)
+  cols, out = _separable_max_pool_passes(x, window)
+  return out, (x, cols, out)
 
 
 def _separable_max_pool_bwd(window, residuals, g):
   """Stride-1 max-pool backward in two passes, along H and then along W.
 
-  A k x k maximum is the maximum over k rows of the per-row maxima over k columns. The per-row
-  maxima ``cols`` come from a (materialised) reduce_window, so each pass only compares stored
-  values: the winner row is the first whose ``cols`` equals the output, the winner column the
-  first whose input equals ``cols``. (An elementwise slice-maximum for ``cols`` or the forward is
-  faster alone but slower in the model: XLA fuses it into every consumer and recomputes it.) Columns-within-row, then rows, makes the winner the first
-  maximum in row-major window order -- the element select-and-scatter (the `xla` gradient)
-  picks, ties included. Autodiff of a `jnp.maximum` chain instead gives an expression that XLA
-  fuses with the forward recomputed once per window tap, several times slower.
+  A k x k maximum is the maximum over k rows of the per-row maxima over k columns; the forward
+  computes it that way, two 1-D reduce_windows (one k x k reduce_window is ~5x slower on
+  XLA:CPU), and keeps the per-row maxima ``cols`` for this backward. Each pass only compares
+  stored values: the winner row is the first whose ``cols`` equals the output, the winner
+  column the first whose input equals ``cols``. (An elementwise slice-maximum for ``cols`` or
+  the forward is faster alone but slower in the model: XLA fuses it into every consumer and
+  recomputes it.) Columns-within-row, then rows, makes the winner the first maximum in
+  row-major window order -- the element select-and-scatter (the `xla` gradient) picks, ties
+  included. Autodiff of a `jnp.maximum` chain instead gives an expression that XLA fuses with
+  the forward recomputed once per window tap, several times slower.
 
   The (w, c) axes are flattened so that a column shift is a contiguous slice of the minor axis
   (offset j * c), which XLA:CPU vectorises well.
   """
-  x, out = residuals
+  x, cols, out = residuals
   (kh, kw), (b, h, w, c), (_, oh, ow, _) = window, x.shape, out.shape
-  cols = _reduce_window_max(x, (1, kw), (1, 1)).reshape(b, h, ow * c)
+  cols = cols.reshape(b, h, ow * c)
   out, x = out.reshape(b, oh, ow * c), x.reshape(b, h, w * c)
   idx_h = _first_equal([cols[:, i:i + oh, :] for i in range(kh)], out)
-  g_cols = _scatter_back(g.reshape(b, oh, ow * c), idx_h, kh, 1, 1, h)
+  g_cols = _scatter_back(g.reshape(b, oh, ow * c), idx_h, kh, 1, 1)
   idx_w = _first_equal([x[:, :, j * c:(j + ow) * c] for j in range(kw)], cols)
-  return (_scatter_back(g_cols, idx_w, kw, 2, c, w * c).reshape(b, h, w, c),)
+  return (_scatter_back(g_cols, idx_w, kw, 2, c).reshape(b, h, w, c),)
 
 
 _separable_max_pool.defvjp(_separable_max_pool_fwd, _separable_max_pool_bwd)
