@@ -178,6 +178,9 @@ POOL_CASES = (
     ((2, 7, 9, 3), 3, 1, 'VALID'),
     ((2, 6, 5, 1), 3, 1, 'VALID'),  # one channel: column and row offsets coincide
     ((2, 7, 9, 3), (2, 3), 1, 'SAME'),
+    ((2, 7, 9, 3), (1, 3), 1, 'SAME'),  # one pass is the identity (no padding, one candidate)
+    ((2, 7, 9, 3), (3, 1), 1, 'VALID'),
+    ((2, 8, 7, 2), (3, 2), 1, 'VALID'),  # kh > kw
     ((2, 7, 9, 3), 2, 2, 'VALID'),  # odd size: floor mode crops
     ((2, 8, 8, 5), 2, 2, 'SAME'),
     ((2, 9, 9, 3), 3, 2, 'SAME'),  # overlapping and strided: reduce_window for every impl
