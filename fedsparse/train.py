@@ -19,12 +19,12 @@ Config keys. Shared keys are flat (see ``experiments/configs`` for complete exam
 ``sample_with_replacement``, ``weighted_aggregation``, ``num_rounds``, ``local_epochs``,
 ``local_steps``, ``batch_size``, ``learning_rate``, ``lr_decay``, ``momentum``,
 ``weight_decay``, ``clip_norm``, ``lr_schedule``, ``cosine_epochs``, ``cosine_min_lr``,
-``server_optimizer``, ``server_learning_rate``,
-``server_momentum``, ``strategy``, ``chunk_size``, ``eval_every``, ``eval_batch_size``,
-``checkpoint_every``, ``seed``, ``partial_batches``, ``size_groups``. An algorithm's own
-hyperparameters live in a section named after it, with the fields of its registered dataclass
-(e.g. ``config.ssfl.density``; `fedsparse.algorithms.SSFLConfig`). A section may be left out
-(the paper's defaults apply); a non-empty section of another algorithm, or a key the section's
+``server_optimizer``, ``server_learning_rate``, ``server_momentum``, ``strategy``,
+``chunk_size``, ``eval_every``, ``eval_batch_size``, ``checkpoint_every``, ``tensorboard``,
+``seed``, ``partial_batches``, ``size_groups``. An algorithm's own hyperparameters live in a
+section named after it, with the fields of its registered dataclass (e.g.
+``config.ssfl.density``; `fedsparse.algorithms.SSFLConfig`). A section may be left out (the
+paper's defaults apply); a non-empty section of another algorithm, or a key the section's
 dataclass lacks, is an error naming the valid keys.
 
 Workdirs (`run`): one run at a time (`fedsparse.workdir.lock`); a workdir is resumed only with
@@ -141,6 +141,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _require(config.partial_batches in engine.PARTIAL_BATCHES,
            f'Unknown partial_batches {config.partial_batches!r}; valid: '
            f'{", ".join(engine.PARTIAL_BATCHES)}.')
+  _require(isinstance(config.get('tensorboard', True), bool),
+           f'tensorboard must be true or false, got {config.get("tensorboard")!r}.')
   _require(isinstance(config.size_groups, int) and config.size_groups > 0,
            f'size_groups must be a positive integer, got {config.size_groups!r}.')
   hparams = algorithm_hparams(config)
@@ -183,11 +185,24 @@ def algorithm_hparams(config: ml_collections.ConfigDict) -> Any:
     raise ValueError(f'config.{spec.name}: {e}') from None
 
 
+# Shared keys a sweep may trace: numbers that enter the round only as values, never as shapes,
+# counts or branches, so that members differing in them share one compiled round.
+TRACEABLE_KEYS = ('learning_rate', 'lr_decay', 'momentum', 'weight_decay',
+                  'server_learning_rate', 'server_momentum')
+
+
 def _build_algorithm(config: ml_collections.ConfigDict, hparams: Any, apply_fn: Any,
-                     mapping: engine.ClientMapping, batch_size: int) -> engine.Algorithm:
+                     mapping: engine.ClientMapping, batch_size: int,
+                     traced: dict[str, jax.Array] | None = None) -> engine.Algorithm:
+  """The config's algorithm; ``traced`` replaces some `TRACEABLE_KEYS` with (traced) arrays."""
   spec = algorithms.registry.get(config.algorithm)
   momentum = (config.server_optimizer == 'momentum'
               or (config.server_optimizer == 'auto' and spec.server_momentum))
+  unknown = sorted(set(traced or ()) - set(TRACEABLE_KEYS))
+  if unknown:
+    raise ValueError(f'Cannot trace {", ".join(unknown)}; traceable keys: '
+                     f'{", ".join(TRACEABLE_KEYS)}.')
+  config = _Values(config, traced or {})
   common = algorithms.registry.Common(
       apply_fn=apply_fn,
       cohort=engine.CohortConfig(clients_per_round=config.clients_per_round,
@@ -205,6 +220,18 @@ def _build_algorithm(config: ml_collections.ConfigDict, hparams: Any, apply_fn: 
                                  momentum=config.server_momentum if momentum else None),
       mapping=mapping, num_rounds=config.num_rounds)
   return spec.build(hparams, common)
+
+
+class _Values:
+  """A config's values with some replaced (by traced arrays); read-only, item and attribute."""
+
+  def __init__(self, config: ml_collections.ConfigDict, overrides: dict[str, Any]):
+    self._config, self._overrides = config, overrides
+
+  def __getattr__(self, key: str) -> Any:
+    return self._overrides[key] if key in self._overrides else getattr(self._config, key)
+
+  __getitem__ = __getattr__
 
 
 def build_experiment(config: ml_collections.ConfigDict) -> Experiment:
@@ -307,6 +334,8 @@ def _clear(workdir: pathlib.Path) -> None:
   """Removes what a run writes into ``workdir`` (and nothing else)."""
   for name in (METRICS_FILE, CONFIG_FILE, MODEL_FILE, MODEL_FILE + '.tmp'):
     (workdir / name).unlink(missing_ok=True)
+  for events in workdir.glob(workdir_lib.EVENTS_GLOB):
+    events.unlink()
   shutil.rmtree(workdir / CHECKPOINT_DIR, ignore_errors=True)
 
 
@@ -379,6 +408,107 @@ def _check_resumable(workdir: pathlib.Path, saved: dict[str, Any],
   return start, rows[:start]
 
 
+class Program:
+  """The device side of a run loop: the jitted work of one run, or of a group of runs.
+
+  `run` drives one experiment (`_SingleProgram`); `fedsparse.sweep` drives a group of sweep
+  members whose rounds are mapped over a member axis and compiled once. The loop
+  (`run_members`) only sees this interface, so logging, checkpointing, resuming and exporting
+  are the same code for both.
+  """
+  num_members: int = 1
+
+  def init(self) -> Any:
+    """The initial state of every member (stacked for groups)."""
+    raise NotImplementedError
+
+  def abstract_state(self) -> Any:
+    """`init`'s shapes, without running it (a resume restores into them)."""
+    raise NotImplementedError
+
+  def member_state(self, state: Any, i: int) -> Any:
+    """Member ``i``'s state (for its checkpoint and export)."""
+    raise NotImplementedError
+
+  def stack(self, states: list[Any]) -> Any:
+    """The inverse of `member_state` over all members."""
+    raise NotImplementedError
+
+  def compile(self, state: Any) -> None:
+    """Compiles the round for ``state``'s shapes (timed by the loop)."""
+    raise NotImplementedError
+
+  def step(self, state: Any, t: int) -> tuple[Any, list[dict[str, np.ndarray]]]:
+    """Round ``t`` of every member: the new state and each member's metrics on the host."""
+    raise NotImplementedError
+
+  def evaluate(self, state: Any, t: int) -> list[dict[str, float]]:
+    """Every member's evaluation after round ``t`` (`_evaluate`'s keys)."""
+    raise NotImplementedError
+
+
+class _SingleProgram(Program):
+  """One experiment: its algorithm's round jitted as it is."""
+
+  def __init__(self, exp: Experiment):
+    self.exp = exp
+    self.round_fn = None
+
+  def _init_args(self):
+    return _algorithm_key(self.exp.config.seed), self.exp.params, self.exp.data
+
+  def init(self):
+    return self.exp.algorithm.init(*self._init_args())
+
+  def abstract_state(self):
+    return jax.eval_shape(self.exp.algorithm.init, *self._init_args())
+
+  def member_state(self, state, i):
+    return state
+
+  def stack(self, states):
+    (state,) = states
+    return state
+
+  def compile(self, state):
+    exp = self.exp
+    self.round_fn = engine.jit(exp.algorithm.round, batched_clients=exp.mapping.batches_clients,
+                               donate_argnums=0).lower(
+        state, exp.data, _round_key(exp.config.seed, 0)).compile()
+
+  def step(self, state, t):
+    state, metrics = self.round_fn(state, self.exp.data, _round_key(self.exp.config.seed, t))
+    return state, [jax.device_get(metrics)]
+
+  def evaluate(self, state, t):
+    return [_evaluate(self.exp, state, _eval_key(self.exp.config.seed, t))]
+
+
+@dataclasses.dataclass
+class Member:
+  """The workdir side of one run in the loop: its files, bit counters and fate.
+
+  Attributes:
+    config: the run's config.
+    workdir: its directory (locked by the caller).
+    saved: the resolved config written as ``config.json``.
+    history: the metric rows a resume keeps (those up to its checkpoint).
+    algorithm: the run's algorithm built with its own values (host-side coding and export).
+    error: set when the run failed (a non-finite loss); the loop stops writing its rows.
+  """
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+  saved: dict[str, Any]
+  history: list[dict[str, Any]]
+  algorithm: engine.Algorithm
+  error: Exception | None = None
+  cum: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(2, np.int64))
+  last: dict[str, Any] = dataclasses.field(default_factory=dict)
+  manager: Any = None
+  metrics_file: Any = None
+  events: Any = None
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
         overwrite: bool = False) -> dict[str, Any]:
   """Runs (or resumes) an experiment and returns its last metrics row.
@@ -391,7 +521,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
 
   Args:
     config: a flat experiment config (see the module docstring).
-    workdir: receives ``config.json``, ``metrics.jsonl`` and ``checkpoints/``.
+    workdir: receives ``config.json``, ``metrics.jsonl``, TensorBoard event files and
+      ``checkpoints/``.
     overwrite: delete the workdir's previous metrics, checkpoints and config first.
 
   Returns:
@@ -423,12 +554,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
         with contextlib.suppress(OSError):
           workdir.rmdir()
       raise
-    try:
-      return _run_rounds(exp, workdir, saved, start_round, history)
-    finally:
-      folder = workdir / CHECKPOINT_DIR
-      if folder.is_dir() and not any(folder.iterdir()):
-        folder.rmdir()  # no empty checkpoints/ left behind (e.g. a NaN in the first rounds)
+    _log_experiment(exp)
+    member = Member(config, workdir, saved, history, exp.algorithm)
+    run_members(_SingleProgram(exp), [member], start_round)
+    if member.error is not None:
+      raise member.error
+    return member.last
 
 
 @contextlib.contextmanager
@@ -443,11 +574,8 @@ def _usage_errors():
     raise UsageError(str(e)) from e
 
 
-def _run_rounds(exp: Experiment, workdir: pathlib.Path, saved: dict[str, Any],
-                start_round: int, history: list[dict[str, Any]]) -> dict[str, Any]:
-  """The round loop of `run`, once the workdir is locked and known to be consistent."""
-  config = exp.config
-  info = exp.partition_info
+def _log_experiment(exp: Experiment) -> None:
+  config, info = exp.config, exp.partition_info
   logging.info('%s: %d clients (%d empty dropped), %s examples per client (min/mean/max), '
                'model %s with %s params, strategy %s.', config.dataset, info.num_clients,
                info.dropped_clients, f'{info.min_size}/{info.mean_size:.1f}/{info.max_size}',
@@ -457,137 +585,207 @@ def _run_rounds(exp: Experiment, workdir: pathlib.Path, saved: dict[str, Any],
     logging.info('batch_size %d exceeds the largest client (%d examples): minibatches hold at '
                  'most %d examples.', config.batch_size, info.max_size, info.max_size)
 
-  with contextlib.ExitStack() as stack:
-    init_args = (_algorithm_key(config.seed), exp.params, exp.data)
+
+def run_members(program: Program, members: list[Member], start_round: int) -> None:
+  """The round loop over one run or a group of runs that start at the same round.
+
+  Each member's workdir gets its rows, checkpoints, TensorBoard events and export as if it
+  had run alone. A member whose loss becomes non-finite gets its row (with ``null`` values)
+  and ``member.error``; the others go on (the group's rounds still compute it, unlogged).
+
+  Args:
+    program: the device side (one `Program` member per entry of ``members``).
+    members: the runs, their workdirs locked and checked by `_check_resumable`.
+    start_round: the round every member resumes after (0: a fresh start).
+  """
+  num_rounds = members[0].config.num_rounds
+  try:
+    with contextlib.ExitStack() as stack:
+      state = _start(program, members, start_round, stack)
+      if start_round < num_rounds:
+        _rounds(program, members, state, start_round, num_rounds)
+      else:
+        _finish(program, members, state)
+  finally:
+    for m in members:
+      folder = m.workdir / CHECKPOINT_DIR
+      if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()  # no empty checkpoints/ left behind (e.g. a NaN in the first rounds)
+
+
+def _start(program: Program, members: list[Member], start_round: int,
+           stack: contextlib.ExitStack) -> Any:
+  """Initial or restored state; each member's files made consistent with it."""
+  if start_round:
     # A resume restores into the state's shapes: no need to redo init's work (FLASH's stage 1).
-    if start_round:
-      state = jax.eval_shape(exp.algorithm.init, *init_args)
-    else:
-      # Timed on its own (FLASH's stage 1 trains here), so that round 1's time is its own.
-      t0 = time.perf_counter()
-      state = jax.block_until_ready(exp.algorithm.init(*init_args))
-      logging.info('Algorithm initialised in %.1f s (compile and one-time work such as FLASH\'s '
-                   'stage 1).', time.perf_counter() - t0)
-    cum = np.zeros(2, np.int64)  # bits up, bits down: the true totals, checkpointed with the state
-    manager = None
-    if config.checkpoint_every or start_round:
-      ocp, manager = _checkpoint_manager(workdir, config.checkpoint_every)
-      stack.callback(manager.close)  # also on errors: restore, compile, a non-finite loss
-    if start_round:
-      try:
-        restored = manager.restore(start_round, args=ocp.args.StandardRestore(
-            {'state': state, 'cum_bits': cum}))
-      except Exception as e:  # pylint: disable=broad-except -- orbax raises many types
-        raise UsageError(
-            f'The checkpoint after round {start_round} in {str(workdir)!r} does not match this '
-            f'run\'s state ({type(e).__name__}: {(str(e).splitlines() or [""])[0][:200]}); it was '
-            'written by '
-            'another version of fedsparse or damaged. Use a new --workdir, or --overwrite to start '
-            'over.') from e
-      state, cum = restored['state'], np.asarray(restored['cum_bits'], np.int64)
-      expected = [history[-1].get('cum_bits_up'), history[-1].get('cum_bits_down')]
-      if cum.tolist() != expected:
-        raise UsageError(
-            f'The checkpoint after round {start_round} counts {cum.tolist()} bits up/down but '
-            f'metrics.jsonl {expected}; the workdir was modified outside fedsparse. Use a new '
-            '--workdir, or --overwrite to start over.')
-      logging.info('Resumed from the checkpoint after round %d.', start_round)
-    else:
-      history = []
-      shutil.rmtree(workdir / CHECKPOINT_DIR, ignore_errors=True)  # stale or partial saves
-      (workdir / MODEL_FILE).unlink(missing_ok=True)  # an earlier run's export is not this one's
-    workdir_lib.write_atomic(workdir / CONFIG_FILE, json.dumps(saved, indent=2, sort_keys=True)
-                             + '\n')
-    metrics_path = workdir / METRICS_FILE
-    # Only the rounds the restored state has seen (drops any torn or later line).
-    workdir_lib.write_atomic(metrics_path, ''.join(workdir_lib.json_row(r) + '\n'
-                                                   for r in history))
-
-    if start_round >= config.num_rounds:
-      return _finish(exp, state, history, workdir)
-
+    abstract = program.abstract_state()
+    states = []
+  else:
+    # Timed on its own (FLASH's stage 1 trains here), so that round 1's time is its own.
     t0 = time.perf_counter()
-    round_fn = engine.jit(exp.algorithm.round, batched_clients=exp.mapping.batches_clients,
-                          donate_argnums=0).lower(
-        state, exp.data, _round_key(config.seed, 0)).compile()
-    compile_seconds = time.perf_counter() - t0
-    logging.info('Round compiled in %.1f s.', compile_seconds)
+    state = jax.block_until_ready(program.init())
+    logging.info('Algorithm initialised in %.1f s (compile and one-time work such as FLASH\'s '
+                 'stage 1).', time.perf_counter() - t0)
+  for i, m in enumerate(members):
+    every = m.config.checkpoint_every
+    if every or start_round:
+      ocp, m.manager = _checkpoint_manager(m.workdir, every)
+      stack.callback(m.manager.close)  # also on errors: restore, compile, a non-finite loss
+    if start_round:
+      states.append(_restore(m, program.member_state(abstract, i), start_round))
+    else:
+      m.history = []
+      shutil.rmtree(m.workdir / CHECKPOINT_DIR, ignore_errors=True)  # stale or partial saves
+      (m.workdir / MODEL_FILE).unlink(missing_ok=True)  # an earlier run's export is not this one's
+    workdir_lib.write_atomic(m.workdir / CONFIG_FILE,
+                             json.dumps(m.saved, indent=2, sort_keys=True) + '\n')
+    # Only the rounds the restored state has seen (drops any torn or later line).
+    workdir_lib.write_atomic(m.workdir / METRICS_FILE, ''.join(
+        workdir_lib.json_row(r) + '\n' for r in m.history))
+    m.last = m.history[-1] if m.history else {}
+    if m.config.get('tensorboard', True):
+      m.events = stack.enter_context(workdir_lib.EventWriter(m.workdir, start_round))
+  return program.stack(states) if start_round else state
 
-    last: dict[str, Any] = history[-1] if history else {}
+
+def _restore(m: Member, abstract: Any, start_round: int) -> Any:
+  """Member ``m``'s state and bit counters from its checkpoint after ``start_round``."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (slow import; optional)
+  try:
+    restored = m.manager.restore(start_round, args=ocp.args.StandardRestore(
+        {'state': abstract, 'cum_bits': m.cum}))
+  except Exception as e:  # pylint: disable=broad-except -- orbax raises many types
+    raise UsageError(
+        f'The checkpoint after round {start_round} in {str(m.workdir)!r} does not match this '
+        f'run\'s state ({type(e).__name__}: {(str(e).splitlines() or [""])[0][:200]}); it was '
+        'written by another version of fedsparse, by a sweep whose members trace other '
+        'hyperparameters, or damaged. Use a new --workdir, or --overwrite to start over.') from e
+  m.cum = np.asarray(restored['cum_bits'], np.int64)
+  expected = [m.history[-1].get('cum_bits_up'), m.history[-1].get('cum_bits_down')]
+  if m.cum.tolist() != expected:
+    raise UsageError(
+        f'The checkpoint after round {start_round} counts {m.cum.tolist()} bits up/down but '
+        f'metrics.jsonl {expected}; the workdir was modified outside fedsparse. Use a new '
+        '--workdir, or --overwrite to start over.')
+  logging.info('Resumed %s from the checkpoint after round %d.', m.workdir, start_round)
+  return restored['state']
+
+
+def _metrics_row(m: Member, metrics: dict[str, Any], t: int, seconds: float) -> dict[str, Any]:
+  """Member ``m``'s row for round ``t`` from the round's metrics (host coding added)."""
+  host_seconds = None
+  if m.algorithm.host_bits is not None:
+    # Data-dependent encodings: lengths computed on the host from the round's payloads.
+    t_host = time.perf_counter()
+    host = m.algorithm.host_bits(metrics)
+    host_seconds = time.perf_counter() - t_host
+    seconds += host_seconds
+    metrics = dict(metrics)
+    for name, value in host.items():
+      if name in metrics:  # bits, added to the round's in-jit counts
+        metrics[name] = np.asarray(metrics[name], np.int64) + np.asarray(value, np.int64)
+      else:  # a host-computed statistic (e.g. FedPM's entropy estimate), logged as it is
+        metrics[name] = value
+  # Cohort traffic plus any population-wide one-time traffic (e.g. SSFL's scoring round),
+  # summed in int64: per-client counts are int32, totals are not.
+  up = sum(int(np.sum(metrics[k], dtype=np.int64)) for k in ('bits_up', 'bits_up_all')
+           if k in metrics)
+  down = sum(int(np.sum(metrics[k], dtype=np.int64)) for k in ('bits_down', 'bits_down_all')
+             if k in metrics)
+  m.cum += np.array([up, down], np.int64)
+  row = {'round': t + 1, 'train_loss': float(metrics['train_loss']), 'bits_up': up,
+         'bits_down': down, 'cum_bits_up': int(m.cum[0]), 'cum_bits_down': int(m.cum[1]),
+         'round_seconds': seconds}
+  if host_seconds is not None:
+    row['host_bits_seconds'] = host_seconds  # of round_seconds: coding on the host
+  row.update({k: float(v) for k, v in metrics.items()
+              if k not in _VECTOR_METRICS and k not in row and np.ndim(v) == 0
+              and not k.startswith(_PAYLOAD_PREFIX)})
+  return row
+
+
+def _rounds(program: Program, members: list[Member], state: Any, start_round: int,
+            num_rounds: int) -> None:
+  """Rounds ``start_round + 1 .. num_rounds`` of every member, then the exports."""
+  t0 = time.perf_counter()
+  program.compile(state)
+  compile_seconds = time.perf_counter() - t0
+  logging.info('Round compiled in %.1f s%s.', compile_seconds,
+               f' for {len(members)} runs' if len(members) > 1 else '')
+  config = members[0].config
+  with contextlib.ExitStack() as stack:
+    for m in members:
+      m.metrics_file = stack.enter_context((m.workdir / METRICS_FILE).open('a'))
     elapsed = 0.0
-    with metrics_path.open('a') as metrics_file:
-      for t in range(start_round, config.num_rounds):
-        t0 = time.perf_counter()
-        state, metrics = round_fn(state, exp.data, _round_key(config.seed, t))
-        metrics = jax.device_get(metrics)
-        host_seconds = None
-        if exp.algorithm.host_bits is not None:
-          # Data-dependent encodings: lengths computed on the host from the round's payloads.
-          t_host = time.perf_counter()
-          host = exp.algorithm.host_bits(metrics)
-          host_seconds = time.perf_counter() - t_host
-          for name, value in host.items():
-            if name in metrics:  # bits, added to the round's in-jit counts
-              metrics[name] = np.asarray(metrics[name], np.int64) + np.asarray(value, np.int64)
-            else:  # a host-computed statistic (e.g. FedPM's entropy estimate), logged as it is
-              metrics[name] = value
-        seconds = time.perf_counter() - t0
-        elapsed += seconds
-        # Cohort traffic plus any population-wide one-time traffic (e.g. SSFL's scoring round),
-        # summed in int64: per-client counts are int32, totals are not.
-        up = sum(int(np.sum(metrics[k], dtype=np.int64)) for k in ('bits_up', 'bits_up_all')
-                 if k in metrics)
-        down = sum(int(np.sum(metrics[k], dtype=np.int64)) for k in ('bits_down', 'bits_down_all')
-                   if k in metrics)
-        cum += np.array([up, down], np.int64)
-        row = {'round': t + 1, 'train_loss': float(metrics['train_loss']), 'bits_up': up,
-               'bits_down': down, 'cum_bits_up': int(cum[0]), 'cum_bits_down': int(cum[1]),
-               'round_seconds': seconds}
-        if host_seconds is not None:
-          row['host_bits_seconds'] = host_seconds  # of round_seconds: coding on the host
-        row.update({k: float(v) for k, v in metrics.items()
-                    if k not in _VECTOR_METRICS and k not in row and np.ndim(v) == 0
-                    and not k.startswith(_PAYLOAD_PREFIX)})
-        if t == start_round:
+    for t in range(start_round, num_rounds):
+      alive = [i for i, m in enumerate(members) if m.error is None]
+      if not alive:
+        break
+      t0 = time.perf_counter()
+      state, metrics = program.step(state, t)
+      seconds = time.perf_counter() - t0
+      rows = {i: _metrics_row(members[i], metrics[i], t, seconds) for i in alive}
+      if t == start_round:
+        for row in rows.values():
           row['compile_seconds'] = compile_seconds
-        finite = math.isfinite(row['train_loss'])
-        if finite and ((t + 1) % config.eval_every == 0 or t + 1 == config.num_rounds):
-          row.update(_evaluate(exp, state, _eval_key(config.seed, t)))
-        metrics_file.write(workdir_lib.json_row(row) + '\n')  # one write per line: never torn
-        metrics_file.flush()
-        last = row
-        if not finite:
-          raise FloatingPointError(
-              f'The training loss became {row["train_loss"]} in round {t + 1} (the data were '
-              f'checked finite, so training diverged); lower learning_rate (now '
-              f'{config.learning_rate}) or set clip_norm (now {config.clip_norm}).')
-        if manager is not None and config.checkpoint_every and (
-            (t + 1) % config.checkpoint_every == 0 or t + 1 == config.num_rounds):
-          manager.save(t + 1, args=ocp.args.StandardSave({'state': state, 'cum_bits': cum}),
-                       force=True)
-        done = t + 1 - start_round
-        eta = elapsed / done * (config.num_rounds - t - 1)
-        acc = f' test_acc {row["test_accuracy"]:.4f}' if 'test_accuracy' in row else ''
-        logging.info('round %d/%d  loss %.4f%s  up %.2f MB  %.2f s/round  ETA %s', t + 1,
-                     config.num_rounds, row['train_loss'], acc, cum[0] / 8e6, seconds,
-                     _format_eta(eta))
-    if manager is not None:
-      manager.wait_until_finished()
-    _export(exp, state, last, workdir)
-    return last
+      finite = {i for i in alive if math.isfinite(rows[i]['train_loss'])}
+      if finite and ((t + 1) % config.eval_every == 0 or t + 1 == num_rounds):
+        evals = program.evaluate(state, t)
+        for i in finite:
+          rows[i].update(evals[i])
+      for i in alive:
+        _log_row(members[i], rows[i], t, state, program, i)
+      elapsed += time.perf_counter() - t0
+      eta = elapsed / (t + 1 - start_round) * (num_rounds - t - 1)
+      best = max(alive, key=lambda i: rows[i].get('test_accuracy', -1.0))
+      row = rows[best]
+      acc = f' test_acc {row["test_accuracy"]:.4f}' if 'test_accuracy' in row else ''
+      who = (f' ({len(alive)} runs, best {members[best].workdir.name})'
+             if len(members) > 1 else '')
+      logging.info('round %d/%d  loss %.4f%s  up %.2f MB  %.2f s/round  ETA %s%s', t + 1,
+                   num_rounds, row['train_loss'], acc, members[best].cum[0] / 8e6, seconds,
+                   _format_eta(eta), who)
+  for i, m in enumerate(members):
+    if m.manager is not None:
+      m.manager.wait_until_finished()
+    if m.error is None:
+      _export(program, m, state, i)
 
 
-def _export(exp: Experiment, state: Any, last: dict[str, Any], workdir: pathlib.Path) -> None:
-  """Writes the algorithm's export of the final model (atomically), if it has one."""
-  if exp.algorithm.export is None or not last:
+def _log_row(m: Member, row: dict[str, Any], t: int, state: Any, program: Program,
+             i: int) -> None:
+  """Writes member ``m``'s row (metrics.jsonl, TensorBoard) and its checkpoint if due."""
+  m.metrics_file.write(workdir_lib.json_row(row) + '\n')  # one write per line: never torn
+  m.metrics_file.flush()
+  if m.events is not None:
+    m.events.write(row)
+  m.last = row
+  if not math.isfinite(row['train_loss']):
+    m.error = FloatingPointError(
+        f'The training loss became {row["train_loss"]} in round {t + 1} (the data were '
+        f'checked finite, so training diverged); lower learning_rate (now '
+        f'{m.config.learning_rate}) or set clip_norm (now {m.config.clip_norm}).')
     return
-  arrays = exp.algorithm.export(state, _eval_key(exp.config.seed, last['round'] - 1))
-  tmp = workdir / (MODEL_FILE + '.tmp')
+  every = m.config.checkpoint_every
+  if m.manager is not None and every and (
+      (t + 1) % every == 0 or t + 1 == m.config.num_rounds):
+    import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+    m.manager.save(t + 1, args=ocp.args.StandardSave(
+        {'state': program.member_state(state, i), 'cum_bits': m.cum}), force=True)
+
+
+def _export(program: Program, m: Member, state: Any, i: int) -> None:
+  """Writes the algorithm's export of member ``m``'s final model (atomically), if it has one."""
+  if m.algorithm.export is None or not m.last:
+    return
+  arrays = m.algorithm.export(program.member_state(state, i),
+                              _eval_key(m.config.seed, m.last['round'] - 1))
+  tmp = m.workdir / (MODEL_FILE + '.tmp')
   with tmp.open('wb') as f:
     np.savez(f, **arrays)
     f.flush()
     os.fsync(f.fileno())
-  os.replace(tmp, workdir / MODEL_FILE)
+  os.replace(tmp, m.workdir / MODEL_FILE)
 
 
 def _evaluate(exp: Experiment, state: Any, key: jax.Array) -> dict[str, float]:
@@ -601,17 +799,21 @@ def _evaluate(exp: Experiment, state: Any, key: jax.Array) -> dict[str, float]:
   return out
 
 
-def _finish(exp: Experiment, state: Any, history: list[dict[str, Any]],
-            workdir: pathlib.Path) -> dict[str, Any]:
-  """A resumed run with no rounds left: its last row, evaluated if it was not yet."""
-  last = dict(history[-1])
-  if 'test_accuracy' not in last:
-    # E.g. a run cut to the round of its last checkpoint: the final round is always evaluated.
-    last.update(_evaluate(exp, state, _eval_key(exp.config.seed, last['round'] - 1)))
-    workdir_lib.write_atomic(workdir / METRICS_FILE, ''.join(
-        workdir_lib.json_row(r) + '\n' for r in history[:-1] + [last]))
-  logging.info('The workdir already holds all %d rounds.', last['round'])
-  # Always rewritten (it is cheap): a file left by a run cut before its export, or by an
-  # earlier run in this workdir, must not stand for this state.
-  _export(exp, state, last, workdir)
-  return last
+def _finish(program: Program, members: list[Member], state: Any) -> None:
+  """Resumed runs with no rounds left: each last row, evaluated if it was not yet."""
+  last_round = members[0].history[-1]['round']
+  pending = [m for m in members if 'test_accuracy' not in m.history[-1]]
+  evals = program.evaluate(state, last_round - 1) if pending else None
+  for i, m in enumerate(members):
+    m.last = dict(m.history[-1])
+    if 'test_accuracy' not in m.last:
+      # E.g. a run cut to the round of its last checkpoint: the final round is always evaluated.
+      m.last.update(evals[i])
+      workdir_lib.write_atomic(m.workdir / METRICS_FILE, ''.join(
+          workdir_lib.json_row(r) + '\n' for r in m.history[:-1] + [m.last]))
+      if m.events is not None:
+        m.events.write({k: v for k, v in evals[i].items()} | {'round': m.last['round']})
+    logging.info('%s already holds all %d rounds.', m.workdir, m.last['round'])
+    # Always rewritten (it is cheap): a file left by a run cut before its export, or by an
+    # earlier run in this workdir, must not stand for this state.
+    _export(program, m, state, i)

@@ -13,6 +13,8 @@ consistent with the helpers here:
   (continue training) but never drop below the rounds already in ``metrics.jsonl``.
 * `write_atomic` and `json_row`: files are replaced whole (write, fsync, rename), and metric
   rows are strict JSON (non-finite values as ``null``, named in a ``nonfinite`` list).
+* `EventWriter`: the same rows as TensorBoard scalars (tensorboardX event files beside
+  ``metrics.jsonl``), so ``tensorboard --logdir DIR`` shows a run, or every member of a sweep.
 """
 
 import contextlib
@@ -25,13 +27,14 @@ import socket
 import time
 from typing import Any, Iterator
 
-__all__ = ['OPERATIONAL_KEYS', 'UsageError', 'WorkdirBusy', 'config_differences', 'flatten',
-           'json_row', 'lock', 'read_metrics', 'write_atomic']
+__all__ = ['EVENTS_GLOB', 'OPERATIONAL_KEYS', 'EventWriter', 'UsageError', 'WorkdirBusy',
+           'config_differences', 'flatten', 'json_row', 'lock', 'read_metrics', 'write_atomic']
 
 # Keys that may differ between a workdir's config.json and a resumed run's config.
 OPERATIONAL_KEYS = frozenset({'num_rounds', 'eval_every', 'eval_batch_size',
-                              'checkpoint_every', 'data_dir'})
+                              'checkpoint_every', 'data_dir', 'tensorboard'})
 LOCK_FILE = '.lock'
+EVENTS_GLOB = 'events.out.tfevents.*'  # TensorBoard event files (`EventWriter`)
 
 
 class UsageError(ValueError):
@@ -138,3 +141,57 @@ def write_atomic(path: pathlib.Path, text: str) -> None:
     f.flush()
     os.fsync(f.fileno())
   os.replace(tmp, path)
+
+
+class EventWriter:
+  """Writes metric rows as TensorBoard scalars: every numeric entry, at step = its round.
+
+  A context manager writing a tensorboardX event file into the workdir itself, synchronously:
+  each row is on disk when `write` returns, with its ``metrics.jsonl`` line, so a run killed
+  after a checkpoint keeps the events of the rounds it resumes after. Each (re)start opens a
+  new file that begins with a purge marker at its first round: TensorBoard then drops the
+  events a killed run wrote past its last checkpoint, so a resumed run shows each round once,
+  as ``metrics.jsonl`` does. TensorBoard stores scalars as float32.
+
+  Example:
+    >>> import tempfile
+    >>> with EventWriter(pathlib.Path(tempfile.mkdtemp()), start_round=0) as events:
+    ...   events.write({'round': 1, 'train_loss': 0.5, 'cum_bits_up': 1024})
+  """
+
+  def __init__(self, workdir: pathlib.Path, start_round: int):
+    # pylint: disable=g-import-not-at-top  (slow imports, needed only when events are written)
+    from tensorboardX import event_file_writer
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.proto import summary_pb2
+    self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+    # tensorboardX's SummaryWriter queues events for a background thread, whose flush does not
+    # wait for the queue; its synchronous record writer does. The file name's timestamp has
+    # whole seconds: the suffix (nanoseconds, fixed width) keeps two starts within a second
+    # from sharing a file, and files sort in the order they were written, as TensorBoard reads
+    # them.
+    self._writer = event_file_writer.EventsWriter(str(workdir / 'events'),
+                                                  filename_suffix=f'.{time.time_ns():020d}')
+    self._writer.write_event(event_pb2.Event(
+        wall_time=time.time(), step=start_round + 1,
+        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+    self._writer.flush()
+
+  def write(self, row: dict[str, Any]) -> None:
+    """Adds every int or float of ``row`` but its ``round`` (the step) as a scalar."""
+    values = [self._summary_pb2.Summary.Value(tag=key, simple_value=float(value))
+              for key, value in row.items()
+              if key != 'round' and isinstance(value, (int, float))
+              and not isinstance(value, bool)]
+    self._writer.write_event(self._event_pb2.Event(
+        wall_time=time.time(), step=row['round'], summary=self._summary_pb2.Summary(value=values)))
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+  def __enter__(self) -> 'EventWriter':
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()

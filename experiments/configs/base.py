@@ -69,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 5
   c.eval_batch_size = 1000
   c.checkpoint_every = 0           # rounds between checkpoints (0 = none)
+  c.tensorboard = True             # TensorBoard event files beside metrics.jsonl
   c.seed = 0
   return c
 

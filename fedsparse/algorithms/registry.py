@@ -20,6 +20,7 @@ Example:
 import dataclasses
 from typing import Any, Callable
 
+import jax
 import optax
 
 from fedsparse.engine import Algorithm, ClientMapping, CohortConfig, LocalConfig
@@ -132,8 +133,14 @@ def check_int(name: str, value: Any, low: int) -> None:
     raise ValueError(f'{name} must be an integer >= {low}, got {value!r}.')
 
 
-def check_learning_rates(learning_rate: float, lr_decay: float) -> None:
-  """Raises unless the client learning rate is positive and finite and its decay in (0, 1]."""
+def check_learning_rates(learning_rate: Any, lr_decay: Any) -> None:
+  """Raises unless the client learning rate is positive and finite and its decay in (0, 1].
+
+  Arrays pass unchecked: they are swept values (`fedsparse.sweep`), traced inside the jitted
+  round and checked as numbers in each member's config before anything compiles.
+  """
+  if isinstance(learning_rate, jax.Array) or isinstance(lr_decay, jax.Array):
+    return
   if not learning_rate > 0 or learning_rate == float('inf'):
     raise ValueError(f'learning_rate must be positive and finite, got {learning_rate}.')
   if not 0 < lr_decay <= 1:

@@ -17,13 +17,16 @@ from fedsparse.engine.compilation import jit
 __all__ = ['make_evaluator']
 
 
-def make_evaluator(apply_fn: Callable[..., jax.Array], batch_size: int = 1000
+def make_evaluator(apply_fn: Callable[..., jax.Array], batch_size: int = 1000, *,
+                   jitted: bool = True
                    ) -> Callable[[Any, FederatedData], dict[str, jax.Array]]:
   """Builds ``evaluate(params, data) -> metrics``, one jitted function.
 
   Args:
     apply_fn: the flax ``Module.apply``.
     batch_size: test examples per forward pass (bounds memory; the last batch is padded).
+    jitted: False returns the plain function, to be traced inside another jitted function (a
+      sweep maps it over its members); `jit` cannot be nested with its compiler options.
 
   Returns:
     A jitted function returning ``test_loss`` and ``test_accuracy`` on the pooled test set, and
@@ -32,7 +35,6 @@ def make_evaluator(apply_fn: Callable[..., jax.Array], batch_size: int = 1000
   if batch_size < 1:
     raise ValueError(f'eval batch_size must be positive, got {batch_size}.')
 
-  @jit
   def evaluate(params: Any, data: FederatedData) -> dict[str, jax.Array]:
     n = data.x_test.shape[0]
     bs = min(batch_size, n)
@@ -62,4 +64,4 @@ def make_evaluator(apply_fn: Callable[..., jax.Array], batch_size: int = 1000
         'client_accuracy_mean': jnp.mean(client_acc),
     }
 
-  return evaluate
+  return jit(evaluate) if jitted else evaluate

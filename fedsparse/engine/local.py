@@ -62,8 +62,10 @@ class LocalConfig:
     batch_size: examples per minibatch.
     local_epochs: passes over the client's data (used when ``local_steps == 0``).
     local_steps: if positive, a fixed number of steps per round instead of epochs.
-    momentum: client SGD momentum (PyTorch convention: ``buf = m·buf + g``).
-    weight_decay: L2 weight decay added to the gradient (PyTorch ``SGD(weight_decay=...)``).
+    momentum: client SGD momentum (PyTorch convention: ``buf = m·buf + g``); a float32 array
+      when a sweep traces it (`fedsparse.sweep`), which keeps the momentum buffer even at 0.
+    weight_decay: L2 weight decay added to the gradient (PyTorch ``SGD(weight_decay=...)``);
+      an array when swept, like ``momentum``.
     clip_norm: if positive, clip the gradient to this global norm before weight decay.
     lr_schedule: one of `LR_SCHEDULES`. ``'cosine'`` anneals the round's learning rate per
       local epoch, ``min + (lr - min)(1 + cos(π (e mod P) / P)) / 2`` for epoch e, restarting
@@ -150,13 +152,18 @@ def client_optimizer(config: LocalConfig, learning_rate: jax.Array,
       phase = jnp.pi * epoch.astype(jnp.float32) / period
       return floor + (learning_rate - floor) * 0.5 * (1.0 + jnp.cos(phase))
 
+  # A swept momentum or weight decay is an array (traced per sweep member): its transform is
+  # always built, since at 0 it is exact (g + 0·buf = g, g + 0·w = g) and every member of a
+  # compiled sweep needs the same optimizer state.
+  swept_wd = isinstance(config.weight_decay, jax.Array)
+  swept_momentum = isinstance(config.momentum, jax.Array)
   parts = []
   if config.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(config.clip_norm))
-  if config.weight_decay > 0:
+  if swept_wd or config.weight_decay > 0:
     parts.append(optax.add_decayed_weights(config.weight_decay))
   parts.append(optax.inject_hyperparams(optax.sgd)(
-      learning_rate=lr, momentum=config.momentum or None))
+      learning_rate=lr, momentum=config.momentum if swept_momentum else config.momentum or None))
   return optax.chain(*parts)
 
 

@@ -1,0 +1,569 @@
+"""Sweeps: many runs of one experiment, compiled once per group of runs that share their shapes.
+
+A sweep is a base config and a list of members, each a dict of overrides (``{'seed': 2,
+'learning_rate': 0.1}``), written with :func:`sweep`, :func:`product`, :func:`zipit`,
+:func:`chain` and :func:`random_search`. `run_sweep` runs every member into ``DIR/<member>/``,
+each with the ``config.json``, ``metrics.jsonl``, TensorBoard events and checkpoints its own
+`fedsparse.train.run` would write, and returns a summary row per member.
+
+One compile for many runs. Members that differ only in their seed and in numbers that enter
+the round as values (`fedsparse.train.TRACEABLE_KEYS`: client and server learning rates,
+momentum, weight decay, lr decay) form one *group*: the group's round is every member's round
+mapped over a member axis by the engine's own mapping strategies (`fedsparse.engine.
+map_clients`), inside ONE jitted function, with each member's own state, keys, data split
+(partitions depend on the seed) and metrics. Swept traceable keys become float32 arrays,
+traced per member; everything else that differs (model, batch size, clients per round, an
+algorithm's density, whose keep counts are static) starts another group and compile. Numbers
+equal a separate run's within float tolerance (the swept values become traced float32
+operands, and a swept momentum or weight decay keeps its optimizer state even at 0, where it is
+exact).
+
+Member mapping (``strategy``): ``vmap`` (the default on GPU/TPU) runs the members side by
+side; on the CPU ``auto`` runs them one after another (``sequential``), measured fastest there
+(README, "Sweeps").
+
+Failures. A member whose config is invalid is recorded as failed with the error and never
+runs; a member whose loss becomes non-finite is marked failed in its round while the others of
+its group go on; an error that stops a whole group (e.g. out of memory) fails its members and
+the other groups still run. Each member's ``status.json`` holds its fate. Re-running the sweep
+resumes: finished and failed members are kept as they are (``retry_failed`` reruns the
+failed), the others continue from their last checkpoint, grouped again by the round they resume
+from.
+
+Example::
+
+  members = product(sweep('learning_rate', [0.02, 0.05]), sweep('seed', range(3)))
+  rows = run_sweep(digits_fedavg.get_config(), members, '/tmp/digits_lr')
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import pathlib
+import time
+import traceback
+from typing import Any, Iterable, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from fedsparse import data as data_lib
+from fedsparse import engine
+from fedsparse import models
+from fedsparse import train
+from fedsparse import workdir as workdir_lib
+from fedsparse.workdir import UsageError
+
+__all__ = ['STATUS_FILE', 'SUMMARY_FILE', 'chain', 'choice', 'loguniform', 'member_config',
+           'member_name', 'product', 'random_search', 'run_sweep', 'summary_table', 'sweep',
+           'uniform', 'zipit']
+
+STATUS_FILE = 'status.json'
+SUMMARY_FILE = 'summary.csv'
+
+# --------------------------------------------------------------------------------------------------
+# Writing sweeps: lists of override dicts.
+
+
+def sweep(key: str, values: Iterable[Any]) -> list[dict[str, Any]]:
+  """One axis: ``[{key: v} for v in values]`` (``key`` dotted for sections: ``ssfl.density``)."""
+  values = list(values)
+  if not values:
+    raise ValueError(f'sweep({key!r}, ...) has no values.')
+  return [{key: _plain(v)} for v in values]
+
+
+def product(*axes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Every combination of the axes (the last varies fastest)."""
+  out = [{}]
+  for axis in axes:
+    out = [{**a, **b} for a in out for b in axis]
+  return out
+
+
+def zipit(*axes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The axes side by side (they must have the same length)."""
+  lengths = {len(a) for a in axes}
+  if len(lengths) > 1:
+    raise ValueError(f'zipit needs axes of equal length, got {sorted(lengths)}.')
+  return [dict(kv for part in parts for kv in part.items()) for parts in zip(*axes)]
+
+
+def chain(*sweeps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The members of several sweeps one after another."""
+  return [m for s in sweeps for m in s]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Distribution:
+  kind: str
+  args: tuple[Any, ...]
+
+  def draw(self, rng: np.random.Generator) -> Any:
+    if self.kind == 'uniform':
+      return float(rng.uniform(*self.args))
+    if self.kind == 'loguniform':
+      low, high = self.args
+      return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+    return _plain(self.args[int(rng.integers(len(self.args)))])
+
+
+def uniform(low: float, high: float) -> _Distribution:
+  """A uniform draw in ``[low, high)`` for `random_search`."""
+  if not low < high:
+    raise ValueError(f'uniform needs low < high, got {low}, {high}.')
+  return _Distribution('uniform', (float(low), float(high)))
+
+
+def loguniform(low: float, high: float) -> _Distribution:
+  """A draw uniform in log space in ``[low, high)`` (learning rates) for `random_search`."""
+  if not 0 < low < high:
+    raise ValueError(f'loguniform needs 0 < low < high, got {low}, {high}.')
+  return _Distribution('loguniform', (float(low), float(high)))
+
+
+def choice(*values: Any) -> _Distribution:
+  """One of ``values``, uniformly, for `random_search`."""
+  if not values:
+    raise ValueError('choice needs at least one value.')
+  return _Distribution('choice', values)
+
+
+def random_search(num: int, seed: int = 0, **distributions: _Distribution
+                  ) -> list[dict[str, Any]]:
+  """``num`` members with each key drawn from its distribution (reproducible from ``seed``).
+
+  Keys with a dot (``ssfl.density``) are passed as ``**{'ssfl.density': uniform(...)}``.
+  """
+  if num < 1:
+    raise ValueError(f'random_search needs num >= 1, got {num}.')
+  rng = np.random.default_rng(seed)
+  return [{k: d.draw(rng) for k, d in distributions.items()} for _ in range(num)]
+
+
+def _plain(value: Any) -> Any:
+  """NumPy scalars as Python numbers (configs and JSON take only those)."""
+  return value.item() if isinstance(value, np.generic) else value
+
+
+def member_name(overrides: dict[str, Any]) -> str:
+  """The member's directory name: ``key=value`` pairs in the sweep's order, joined by commas."""
+  def fmt(v):
+    return f'{v:.6g}' if isinstance(v, float) else str(v)
+  name = ','.join(f'{k}={fmt(v)}' for k, v in overrides.items()) or 'base'
+  return name.replace('/', '_')
+
+
+def member_config(base: ml_collections.ConfigDict,
+                  overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """``base`` with ``overrides`` applied (dotted keys reach into sections).
+
+  Raises:
+    ValueError: for a key the config lacks (naming the valid ones) or a value of the wrong type.
+  """
+  config = ml_collections.ConfigDict(base.to_dict())
+  for key, value in overrides.items():
+    *path, last = key.split('.')
+    node = config
+    for i, part in enumerate(path + [last]):
+      if part not in node:
+        where = '.'.join(path[:i]) or 'the config'
+        raise ValueError(f'Unknown sweep key {key!r}: {where} has no {part!r}; valid there: '
+                         f'{", ".join(sorted(node.keys()))}.')
+      if i < len(path):
+        node = node[part]
+    try:
+      node[last] = value
+    except TypeError as e:
+      raise ValueError(f'Sweep value {key}={value!r}: {e}') from None
+  return config
+
+
+# --------------------------------------------------------------------------------------------------
+# A group: members compiled together.
+
+
+@dataclasses.dataclass
+class _Entry:
+  """A member on its way through a sweep."""
+  name: str
+  overrides: dict[str, Any]
+  workdir: pathlib.Path
+  config: ml_collections.ConfigDict | None = None
+  status: str = 'pending'  # pending | done | failed
+  error: str = ''
+  seconds: float = 0.0
+  group: int = -1
+
+
+class _GroupProgram(train.Program):
+  """The rounds of a group of members mapped over a member axis, each jitted once."""
+
+  def __init__(self, configs: list[ml_collections.ConfigDict], traced: tuple[str, ...],
+               strategy: str):
+    self.configs = configs
+    self.num_members = len(configs)
+    base = configs[0]
+    self.traced = traced
+    self.member_mapping = engine.ClientMapping(strategy)
+    dataset = data_lib.load_dataset(base.dataset, data_dir=base.get('data_dir') or None)
+    splits = []
+    for c in configs:
+      fd, info = data_lib.make_federated_data(
+          dataset, c.num_clients, c.partition, seed=c.seed, alpha=c.dirichlet_alpha,
+          classes_per_client=c.classes_per_client, shards_per_client=c.shards_per_client)
+      splits.append((fd, info))
+    self.infos = [info for _, info in splits]
+    num_clients = {fd.num_clients for fd, _ in splits}
+    if len(num_clients) > 1:
+      raise ValueError(f'members keep different numbers of clients ({sorted(num_clients)})')
+    if base.clients_per_round > splits[0][0].num_clients and not base.sample_with_replacement:
+      raise ValueError(f'clients_per_round ({base.clients_per_round}) exceeds the '
+                       f'{splits[0][0].num_clients} clients left after dropping empty ones.')
+    # Index arrays padded to the group's widest client: entries past a client's size are never
+    # read, and a client's example orders are the same at any padded width.
+    wide = max(fd.max_client_size for fd, _ in splits)
+    wide_test = max(fd.client_test_index.shape[1] for fd, _ in splits)
+    pad = lambda x, w: jnp.pad(x, ((0, 0), (0, w - x.shape[1])))
+    self.member_data = (
+        jnp.stack([pad(fd.client_index, wide) for fd, _ in splits]),
+        jnp.stack([fd.client_size for fd, _ in splits]),
+        jnp.stack([pad(fd.client_test_index, wide_test) for fd, _ in splits]),
+        jnp.stack([fd.client_test_size for fd, _ in splits]))
+    self.data = splits[0][0]  # the images (shared) and member 0's split, replaced per member
+    self.mapping = engine.ClientMapping(base.strategy, chunk_size=base.chunk_size,
+                                        size_groups=base.size_groups)
+    if self.member_mapping.resolved() == 'sharded' and self.mapping.resolved() == 'sharded':
+      raise ValueError('members and clients cannot both be sharded; use strategy=sequential '
+                       'or vmap for the clients of a sharded sweep')
+    self.batched = self.mapping.batches_clients or self.member_mapping.batches_clients
+    conv_impl = models.resolve_impl(base.conv_impl, batched_clients=self.batched)
+    self.model = models.get_model(base.model, dataset.num_classes, conv_impl=conv_impl)
+    self.hparams = train.algorithm_hparams(base)
+    # As in `train.build_experiment`: minibatches never exceed the largest client (of any
+    # member; a larger cap than a member's own changes no minibatch, only its padding).
+    self.batch_size = min(base.batch_size, max(int(info.max_size) for info in self.infos))
+    dummy = jnp.zeros((1,) + tuple(self.data.input_shape), jnp.float32)
+    init = jax.jit(self.model.init)
+    self.params = _stack([init(jax.random.fold_in(jax.random.key(c.seed), 0), dummy)['params']
+                          for c in configs])
+    self.values = {k: jnp.asarray([c[k] for c in configs], jnp.float32) for k in traced}
+    self.algorithm_keys = _stack([train._algorithm_key(c.seed) for c in configs])  # pylint: disable=protected-access
+    self.round_keys = _stack([jax.random.fold_in(jax.random.key(c.seed), 1) for c in configs])
+    self.eval_keys = _stack([jax.random.fold_in(jax.random.key(c.seed), 3) for c in configs])
+    self.evaluator = engine.make_evaluator(self.model.apply, base.eval_batch_size, jitted=False)
+    self._round = self._evaluate = self._init = None
+
+  def member_algorithm(self, i: int) -> engine.Algorithm:
+    """Member ``i``'s algorithm with its own (concrete) values, for host coding and export."""
+    return train._build_algorithm(self.configs[i], self.hparams, self.model.apply, self.mapping,  # pylint: disable=protected-access
+                                  self.batch_size)
+
+  def _algorithm(self, values: dict[str, jax.Array]) -> engine.Algorithm:
+    return train._build_algorithm(self.configs[0], self.hparams, self.model.apply, self.mapping,  # pylint: disable=protected-access
+                                  self.batch_size, traced=values)
+
+  def _member_data(self, data: data_lib.FederatedData, split: tuple[jax.Array, ...]
+                   ) -> data_lib.FederatedData:
+    index, size, test_index, test_size = split
+    return data.replace(client_index=index, client_size=size, client_test_index=test_index,
+                        client_test_size=test_size)
+
+  def _map(self, fn, shared, *members):
+    return engine.map_clients(fn, shared, *members, mapping=self.member_mapping)
+
+  def _init_all(self, data, values, split, key, params):
+    def one(data_, values_, split_, key_, params_):
+      return self._algorithm(values_).init(key_, params_, self._member_data(data_, split_))
+    return self._map(one, data, values, split, key, params)
+
+  def _init_args(self):
+    return self.data, self.values, self.member_data, self.algorithm_keys, self.params
+
+  def init(self):
+    if self._init is None:
+      self._init = engine.jit(self._init_all, batched_clients=self.batched)
+    return self._init(*self._init_args())
+
+  def abstract_state(self):
+    return jax.eval_shape(self._init_all, *self._init_args())
+
+  def member_state(self, state, i):
+    if isinstance(jax.tree.leaves(state)[0], jax.ShapeDtypeStruct):
+      return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state)
+    return jax.tree.map(lambda x: x[i], state)
+
+  def stack(self, states):
+    return _stack(states)
+
+  def _round_all(self, state, shared, values, split, bases):
+    data, t = shared
+
+    def one(shared_, values_, split_, state_, base_):
+      data_, t_ = shared_
+      algorithm = self._algorithm(values_)
+      return algorithm.round(state_, self._member_data(data_, split_),
+                             jax.random.fold_in(base_, t_))
+    return self._map(one, (data, t), values, split, state, bases)
+
+  def compile(self, state):
+    t = jnp.int32(0)
+    self._round = engine.jit(self._round_all, batched_clients=self.batched,
+                             donate_argnums=0).lower(
+        state, (self.data, t), self.values, self.member_data, self.round_keys).compile()
+
+  def step(self, state, t):
+    state, metrics = self._round(state, (self.data, jnp.int32(t)), self.values,
+                                 self.member_data, self.round_keys)
+    metrics = jax.device_get(metrics)
+    return state, [{k: v[i] for k, v in metrics.items()} for i in range(self.num_members)]
+
+  def _evaluate_all(self, state, shared, values, split, bases):
+    def one(shared_, values_, split_, state_, base_):
+      data_, t_ = shared_
+      data_ = self._member_data(data_, split_)
+      algorithm = self._algorithm(values_)
+      key = jax.random.fold_in(base_, t_)
+      out = dict(self.evaluator(algorithm.eval_params(state_, key), data_))
+      if algorithm.eval_variants is not None:
+        for name, params in algorithm.eval_variants(state_, key).items():
+          out.update({f'{name}/{k}': v for k, v in self.evaluator(params, data_).items()})
+      return out
+    return self._map(one, shared, values, split, state, bases)
+
+  def evaluate(self, state, t):
+    if self._evaluate is None:
+      self._evaluate = engine.jit(self._evaluate_all, batched_clients=self.batched)
+    out = jax.device_get(self._evaluate(state, (self.data, jnp.int32(t)), self.values,
+                                        self.member_data, self.eval_keys))
+    return [{k: float(v[i]) for k, v in out.items()} for i in range(self.num_members)]
+
+
+def _stack(trees: Sequence[Any]) -> Any:
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+# --------------------------------------------------------------------------------------------------
+# The sweep.
+
+
+def _static_key(config: ml_collections.ConfigDict, traced: tuple[str, ...]) -> str:
+  """What must be equal for members to share a compile: the config without seed and traced keys."""
+  flat = workdir_lib.flatten(config.to_dict())
+  for key in traced + ('seed',):
+    flat.pop(key, None)
+  return json.dumps(flat, sort_keys=True, default=str)
+
+
+def _write_status(entry: _Entry) -> None:
+  entry.workdir.mkdir(parents=True, exist_ok=True)
+  workdir_lib.write_atomic(entry.workdir / STATUS_FILE, json.dumps(
+      {'status': entry.status, 'error': entry.error, 'overrides': entry.overrides,
+       'seconds': entry.seconds}, indent=2, sort_keys=True) + '\n')
+
+
+def _read_status(workdir: pathlib.Path) -> dict[str, Any]:
+  try:
+    return json.loads((workdir / STATUS_FILE).read_text())
+  except (OSError, json.JSONDecodeError):
+    return {}
+
+
+def run_sweep(base: ml_collections.ConfigDict, members: Sequence[dict[str, Any]],
+              workdir: str | pathlib.Path, *, strategy: str = 'auto',
+              retry_failed: bool = False) -> list[dict[str, Any]]:
+  """Runs (or resumes) every member of a sweep and returns the summary (`summary_table`).
+
+  Args:
+    base: the experiment config every member starts from.
+    members: the members' overrides (`sweep`, `product`, ...); names must be distinct.
+    workdir: ``DIR``; member ``m`` runs in ``DIR/<member_name(m)>/``, and ``DIR/summary.csv``
+      lists them all.
+    strategy: how a group maps its members (`fedsparse.engine.STRATEGIES`; ``auto``:
+      ``sequential`` on the CPU, ``vmap`` elsewhere).
+    retry_failed: rerun members recorded as failed (by default they are kept as they are).
+
+  Returns:
+    One summary row per member, in the sweep's order.
+
+  Raises:
+    UsageError: an empty sweep, duplicate member names, an unknown strategy, or a workdir that
+      cannot be used (before anything runs). Errors of single members are recorded, not raised.
+  """
+  root = pathlib.Path(workdir)
+  if not members:
+    raise UsageError('The sweep has no members.')
+  if strategy not in engine.STRATEGIES:
+    raise UsageError(f'Unknown sweep strategy {strategy!r}; valid: '
+                     f'{", ".join(engine.STRATEGIES)}.')
+  if strategy == 'auto':
+    strategy = 'sequential' if jax.default_backend() == 'cpu' else 'vmap'
+  entries = [_Entry(member_name(m), dict(m), root / member_name(m)) for m in members]
+  names = [e.name for e in entries]
+  duplicates = sorted({n for n in names if names.count(n) > 1})
+  if duplicates:
+    raise UsageError(f'The sweep lists the same member more than once: {", ".join(duplicates)}.')
+  swept = sorted({k for m in members for k in m})
+  # Traced: the swept keys whose values enter the round as numbers. Chosen from the sweep (not
+  # from a group's values), so a member's state has the same structure on every resume.
+  traced = tuple(k for k in train.TRACEABLE_KEYS if k in swept)
+  train._make_workdir(root)  # pylint: disable=protected-access
+  with workdir_lib.lock(root):
+    for e in entries:
+      _prepare(e, base, retry_failed)
+    pending = [e for e in entries if e.status == 'pending']
+    groups: dict[str, list[_Entry]] = {}
+    for e in pending:
+      groups.setdefault(_static_key(e.config, traced), []).append(e)
+    logging.info('Sweep: %d members, %d to run in %d group(s) (traced: %s; members mapped by '
+                 '%s).', len(entries), len(pending), len(groups), ', '.join(traced) or 'seed',
+                 strategy)
+    for g, group in enumerate(groups.values()):
+      for e in group:
+        e.group = g
+      _run_group(group, traced, strategy)
+    rows = summary_table(entries)
+    write_summary(rows, root / SUMMARY_FILE)
+  return rows
+
+
+def _prepare(e: _Entry, base: ml_collections.ConfigDict, retry_failed: bool) -> None:
+  """Builds and validates a member's config; decides whether it still has to run."""
+  status = _read_status(e.workdir)
+  e.seconds = status.get('seconds', 0.0)
+  if status.get('status') == 'failed' and not retry_failed:
+    e.status, e.error = 'failed', status.get('error', '')
+    return
+  try:
+    e.config = member_config(base, e.overrides)
+    train.validate_config(e.config)
+  except (ValueError, TypeError) as err:
+    e.status, e.error = 'failed', f'{type(err).__name__}: {err}'
+    _write_status(e)
+    return
+  rows = workdir_lib.read_metrics(e.workdir / train.METRICS_FILE)
+  if (status.get('status') == 'done' and len(rows) == e.config.num_rounds
+      and 'test_accuracy' in rows[-1]):
+    e.status = 'done'
+
+
+def _run_group(group: list[_Entry], traced: tuple[str, ...], strategy: str) -> None:
+  """Runs one group (split further by the round each member resumes from)."""
+  t0 = time.perf_counter()
+  try:
+    program = _GroupProgram([e.config for e in group], traced, strategy)
+  except (ValueError, TypeError, FileNotFoundError) as err:
+    if len(group) > 1:
+      # E.g. seeds whose partitions keep different numbers of clients: each member alone.
+      logging.info('Sweep: the group cannot run as one (%s); running its members one by one.',
+                   err)
+      for e in group:
+        _run_group([e], traced, strategy)
+    else:
+      _fail_all(group, err)
+    return
+  by_start: dict[int, list[int]] = {}
+  with contextlib.ExitStack() as stack:
+    members = {}
+    for i, e in enumerate(group):
+      try:
+        train._make_workdir(e.workdir)  # pylint: disable=protected-access
+        stack.enter_context(workdir_lib.lock(e.workdir))
+        saved = train._saved_config(e.config, program.hparams)  # pylint: disable=protected-access
+        start, history = train._check_resumable(e.workdir, saved, e.config)  # pylint: disable=protected-access
+      except UsageError as err:
+        _fail_all([e], err)
+        continue
+      members[i] = train.Member(e.config, e.workdir, saved, history, program.member_algorithm(i))
+      by_start.setdefault(start, []).append(i)
+    for start, indices in sorted(by_start.items()):
+      sub = program if len(indices) == len(group) else _GroupProgram(
+          [group[i].config for i in indices], traced, strategy)
+      t1 = time.perf_counter()
+      for i in indices:
+        group[i].status = 'running'
+        _write_status(group[i])
+      try:
+        train.run_members(sub, [members[i] for i in indices], start)
+      except Exception as err:  # pylint: disable=broad-except -- recorded per member
+        logging.error('Sweep group failed: %s', traceback.format_exc())
+        _fail_all([group[i] for i in indices], err)
+        continue
+      seconds = time.perf_counter() - t1
+      for i in indices:
+        e, m = group[i], members[i]
+        e.seconds += seconds
+        if m.error is None:
+          e.status, e.error = 'done', ''
+        else:
+          e.status, e.error = 'failed', f'{type(m.error).__name__}: {m.error}'
+        _write_status(e)
+  logging.info('Sweep group of %d member(s) took %.1f s.', len(group), time.perf_counter() - t0)
+
+
+def _fail_all(entries: list[_Entry], err: BaseException) -> None:
+  message = f'{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""}'
+  for e in entries:
+    e.status, e.error = 'failed', message
+    _write_status(e)
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary.
+
+SUMMARY_COLUMNS = ('member', 'status', 'rounds', 'final_test_accuracy', 'best_test_accuracy',
+                   'final_train_loss', 'cum_bits_up', 'cum_bits_down', 'seconds', 'error')
+
+
+def summary_table(entries: Sequence[_Entry]) -> list[dict[str, Any]]:
+  """One row per member: its swept values, status, final and best accuracy, bits, error."""
+  rows = []
+  for e in entries:
+    metrics = workdir_lib.read_metrics(e.workdir / train.METRICS_FILE)
+    evaluated = [r['test_accuracy'] for r in metrics if r.get('test_accuracy') is not None]
+    last = metrics[-1] if metrics else {}
+    row = {'member': e.name, **e.overrides, 'status': e.status, 'rounds': len(metrics),
+           'final_test_accuracy': evaluated[-1] if evaluated and e.status == 'done' else None,
+           'best_test_accuracy': max(evaluated) if evaluated else None,
+           'final_train_loss': last.get('train_loss'), 'cum_bits_up': last.get('cum_bits_up'),
+           'cum_bits_down': last.get('cum_bits_down'), 'seconds': round(e.seconds, 2),
+           'error': e.error}
+    rows.append(row)
+  return rows
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+  swept = [k for r in rows for k in r if k not in SUMMARY_COLUMNS]
+  return ['member'] + list(dict.fromkeys(swept)) + list(SUMMARY_COLUMNS[1:])
+
+
+def write_summary(rows: Sequence[dict[str, Any]], path: pathlib.Path) -> None:
+  """The summary as CSV (written atomically); empty cells for missing values."""
+  import csv  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+  buffer = io.StringIO()
+  writer = csv.DictWriter(buffer, fieldnames=_columns(rows), extrasaction='ignore')
+  writer.writeheader()
+  writer.writerows(rows)
+  workdir_lib.write_atomic(path, buffer.getvalue())
+
+
+def format_summary(rows: Sequence[dict[str, Any]]) -> str:
+  """The summary as an aligned text table (errors cut to one line)."""
+  columns = [c for c in _columns(rows) if c not in ('member', 'cum_bits_down')]
+
+  def cell(value):
+    if value is None:
+      return '-'
+    if isinstance(value, float):
+      return f'{value:.4g}'
+    text = str(value)
+    return text if len(text) <= 60 else text[:57] + '...'
+  table = [columns] + [[cell(r.get(c)) for c in columns] for r in rows]
+  widths = [max(len(line[j]) for line in table) for j in range(len(columns))]
+  return '\n'.join('  '.join(v.ljust(w) for v, w in zip(line, widths)).rstrip()
+                   for line in table)
