@@ -67,7 +67,7 @@ def _unknown_override(argv: Sequence[str]) -> str | None:
   try:
     module = config_flags.config_flags._LoadConfigModule('config', path)  # pylint: disable=protected-access
     config = module.get_config(arg) if arg else module.get_config()
-  except Exception:  # pylint: disable=broad-except -- reported by _flag_error
+  except Exception:  # pylint: disable=broad-except -- reported by flag_error
     return None
   for a in argv:
     if not a.startswith('--config.'):
@@ -87,7 +87,7 @@ def _unknown_override(argv: Sequence[str]) -> str | None:
   return None
 
 
-def _flag_error(argv: Sequence[str], error: Exception) -> str:
+def flag_error(argv: Sequence[str], error: Exception) -> str:
   """One line for a flag-parsing failure: the bad key, file or value and what is valid."""
   unknown = _unknown_override(argv)
   if unknown is not None:
@@ -132,7 +132,7 @@ def quiet_logs() -> None:
     handler.addFilter(_NoOrbaxInfo())
 
 
-def _fail(message: str, code: int) -> int:
+def fail(message: str, code: int) -> int:
   print(f'FATAL: {message}', file=sys.stderr)
   return code
 
@@ -156,21 +156,21 @@ def cli(argv: Sequence[str]) -> int:
   except Exception as e:  # pylint: disable=broad-except -- reported as one line
     if wants_traceback:
       traceback.print_exc()
-    return _fail(_flag_error(argv, e), USAGE_ERROR)
+    return fail(flag_error(argv, e), USAGE_ERROR)
   for name in ('config', 'workdir'):
     if fv[name].value is None:
-      return _fail(f'--{name} is required, e.g. --config=experiments/configs/digits_fedavg.py '
+      return fail(f'--{name} is required, e.g. --config=experiments/configs/digits_fedavg.py '
                    '--workdir=/tmp/digits', USAGE_ERROR)
   try:
     last = train.run(config.value, workdir.value, overwrite=overwrite.value)
   except train.UsageError as e:
     if show_traceback.value:
       traceback.print_exc()
-    return _fail(str(e), USAGE_ERROR)
+    return fail(str(e), USAGE_ERROR)
   except FloatingPointError as e:
     if show_traceback.value:
       traceback.print_exc()
-    return _fail(f'{e} Metrics so far: {workdir.value}/metrics.jsonl', RUN_ERROR)
+    return fail(f'{e} Metrics so far: {workdir.value}/metrics.jsonl', RUN_ERROR)
   print(f'Final (round {last["round"]}): pooled test accuracy {last["test_accuracy"]:.4f}, '
         f'mean client accuracy {last["client_accuracy_mean"]:.4f}; communicated '
         f'{last["cum_bits_up"]:,} bits up ({last["cum_bits_up"] / 8e6:.2f} MB), '

@@ -58,12 +58,14 @@ from fedsparse import train
 from fedsparse import workdir as workdir_lib
 from fedsparse.workdir import UsageError
 
-__all__ = ['STATUS_FILE', 'SUMMARY_FILE', 'chain', 'choice', 'loguniform', 'member_config',
-           'member_name', 'product', 'random_search', 'run_sweep', 'summary_table', 'sweep',
-           'uniform', 'zipit']
+__all__ = ['PLOT_FILE', 'STATUS_FILE', 'SUMMARY_FILE', 'chain', 'choice', 'format_summary',
+           'loguniform', 'member_config', 'member_name', 'plot_summary', 'product',
+           'random_search', 'run_sweep', 'summary_table', 'sweep', 'uniform', 'write_summary',
+           'zipit']
 
 STATUS_FILE = 'status.json'
 SUMMARY_FILE = 'summary.csv'
+PLOT_FILE = 'summary.png'
 
 # --------------------------------------------------------------------------------------------------
 # Writing sweeps: lists of override dicts.
@@ -567,3 +569,48 @@ def format_summary(rows: Sequence[dict[str, Any]]) -> str:
   widths = [max(len(line[j]) for line in table) for j in range(len(columns))]
   return '\n'.join('  '.join(v.ljust(w) for v, w in zip(line, widths)).rstrip()
                    for line in table)
+
+
+def plot_summary(rows: Sequence[dict[str, Any]], path: str | pathlib.Path,
+                 metric: str = 'final_test_accuracy') -> list[str]:
+  """Plots ``metric`` against each swept value (one panel per key) into a PNG.
+
+  Each finished member is a point; a line joins the mean over members with the same value
+  (e.g. over seeds). ``seed`` gets a panel only when it is the sole swept key. Non-numeric
+  values are placed as categories. Failed members are left out (they are in the table).
+
+  Returns:
+    The keys plotted (an empty list, and no file, when no member finished).
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top  (slow import; plots are optional)
+  matplotlib.use('Agg')  # files only; no display on servers
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  done = [r for r in rows if r.get(metric) is not None]
+  keys = [c for c in _columns(rows) if c not in SUMMARY_COLUMNS and c != 'member']
+  if len(keys) > 1:
+    keys = [k for k in keys if k != 'seed']
+  if not done or not keys:
+    return []
+  fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    values = [r.get(key) for r in done]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    categories = list(dict.fromkeys(map(str, values)))
+    where = (lambda v: v) if numeric else (lambda v: categories.index(str(v)))
+    ax.scatter([where(v) for v in values], [r[metric] for r in done], s=14, alpha=0.6)
+    means = {}
+    for v, r in zip(values, done):
+      means.setdefault(where(v), []).append(r[metric])
+    xs = sorted(means)
+    ax.plot(xs, [float(np.mean(means[x])) for x in xs], marker='o', lw=1.5)
+    if numeric and min(values) > 0 and max(values) / min(values) >= 20:
+      ax.set_xscale('log')  # e.g. learning rates over decades
+    if not numeric:
+      ax.set_xticks(range(len(categories)), categories, rotation=30)
+    ax.set_xlabel(key)
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return keys

@@ -644,7 +644,11 @@ def _start(program: Program, members: list[Member], start_round: int,
         workdir_lib.json_row(r) + '\n' for r in m.history))
     m.last = m.history[-1] if m.history else {}
     if m.config.get('tensorboard', True):
-      m.events = stack.enter_context(workdir_lib.EventWriter(m.workdir, start_round))
+      # A last row that `_finish` will evaluate is written again whole: its round's earlier
+      # events are purged with the rest.
+      redo_last = start_round >= m.config.num_rounds and not _evaluated(m.history)
+      m.events = stack.enter_context(
+          workdir_lib.EventWriter(m.workdir, start_round - 1 if redo_last else start_round))
   return program.stack(states) if start_round else state
 
 
@@ -799,20 +803,24 @@ def _evaluate(exp: Experiment, state: Any, key: jax.Array) -> dict[str, float]:
   return out
 
 
+def _evaluated(history: list[dict[str, Any]]) -> bool:
+  return bool(history) and 'test_accuracy' in history[-1]
+
+
 def _finish(program: Program, members: list[Member], state: Any) -> None:
   """Resumed runs with no rounds left: each last row, evaluated if it was not yet."""
   last_round = members[0].history[-1]['round']
-  pending = [m for m in members if 'test_accuracy' not in m.history[-1]]
+  pending = [m for m in members if not _evaluated(m.history)]
   evals = program.evaluate(state, last_round - 1) if pending else None
   for i, m in enumerate(members):
     m.last = dict(m.history[-1])
-    if 'test_accuracy' not in m.last:
+    if not _evaluated(m.history):
       # E.g. a run cut to the round of its last checkpoint: the final round is always evaluated.
       m.last.update(evals[i])
       workdir_lib.write_atomic(m.workdir / METRICS_FILE, ''.join(
           workdir_lib.json_row(r) + '\n' for r in m.history[:-1] + [m.last]))
       if m.events is not None:
-        m.events.write({k: v for k, v in evals[i].items()} | {'round': m.last['round']})
+        m.events.write(m.last)
     logging.info('%s already holds all %d rounds.', m.workdir, m.last['round'])
     # Always rewritten (it is cheap): a file left by a run cut before its export, or by an
     # earlier run in this workdir, must not stand for this state.

@@ -42,6 +42,42 @@ def assert_true_totals(rows: list[dict]) -> None:
       [r['bits_down'] for r in rows]).tolist()
 
 
+def events_of(workdir: pathlib.Path) -> dict[str, dict[int, float]]:
+  """What TensorBoard shows for ``workdir``: ``{tag: {round: value}}``, purges applied; fails
+  when it would show a round twice."""
+  from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  acc = event_accumulator.EventAccumulator(
+      str(workdir), size_guidance={event_accumulator.SCALARS: 0})
+  acc.Reload()
+  events = {}
+  for tag in acc.Tags()['scalars']:
+    steps = [e.step for e in acc.Scalars(tag)]
+    assert len(steps) == len(set(steps)), f'{tag} shows a round twice: {steps}'
+    events[tag] = {e.step: e.value for e in acc.Scalars(tag)}
+  return events
+
+
+def assert_events_match_metrics(workdir: pathlib.Path) -> None:
+  """Every number of metrics.jsonl, and nothing else, is a TensorBoard scalar at its round
+  (stored as float32; a ``null`` of the ``nonfinite`` list is a NaN or infinite scalar)."""
+  want: dict[str, dict[int, float]] = {}
+  for row in rows_of(workdir):
+    for key, value in row.items():
+      if key != 'round' and isinstance(value, (int, float)):
+        want.setdefault(key, {})[row['round']] = float(np.float32(value))
+      elif key in row.get('nonfinite', ()):
+        want.setdefault(key, {})[row['round']] = None
+  got = events_of(workdir)
+  assert sorted(got) == sorted(want)
+  for key, values in want.items():
+    assert sorted(got[key]) == sorted(values), key
+    for step, value in values.items():
+      if value is None:
+        assert not np.isfinite(got[key][step]), (key, step)
+      else:
+        assert got[key][step] == value, (key, step, got[key][step], value)
+
+
 def test_stale_checkpoints_never_corrupt_metrics(tmp_path):
   # The sequence of the issue: a finished 6-round run with checkpoints; a run without
   # checkpoints cannot shrink it; a longer run resumes with the true totals.
@@ -172,6 +208,7 @@ def test_a_run_cut_to_its_checkpoint_evaluates_the_final_round(tmp_path, capsys)
   assert cli(*args) == 0
   assert 'Final (round 3)' in capsys.readouterr().out
   assert strip(rows_of(workdir)) == strip(evaluated)
+  assert_events_match_metrics(workdir)  # the late evaluation is an event too, shown once
 
 
 def test_a_failed_start_does_not_tie_the_workdir_to_its_config(tmp_path):
@@ -213,3 +250,7 @@ def test_kill_9_at_a_random_moment_then_rerun_reproduces_the_run(config, tmp_pat
   subprocess.run(args + [f'--workdir={workdir}'], cwd=ROOT, env=env, check=True,
                  capture_output=True)
   assert strip(rows_of(workdir)) == strip(rows_of(tmp_path / 'full'))
+  # TensorBoard shows each round once, with the resumed run's numbers: the killed runs' events
+  # past their checkpoints are purged, those before them kept.
+  assert_events_match_metrics(workdir)
+  assert_events_match_metrics(tmp_path / 'full')
