@@ -16,11 +16,13 @@ traced per member; everything else that differs (model, batch size, clients per 
 algorithm's density, whose keep counts are static) starts another group and compile. Numbers
 equal a separate run's within float tolerance (the swept values become traced float32
 operands, and a swept momentum or weight decay keeps its optimizer state even at 0, where it is
-exact).
+exact). Mapped by ``vmap``, a member's convolutions may run in another formulation or order
+than alone (`fedsparse.models.resolve_impl` picks by ``batched_clients``): the same math,
+rounded differently, which training then amplifies as it would any rounding difference.
 
 Member mapping (``strategy``): ``vmap`` (the default on GPU/TPU) runs the members side by
-side; on the CPU ``auto`` runs them one after another (``sequential``), measured fastest there
-(README, "Sweeps").
+side; on the CPU ``auto`` runs them one after another (``sequential``) inside the one compiled
+round, measured fastest there (README, "Sweeps"; ``scripts/bench_sweep.py``).
 
 Failures. A member whose config is invalid is recorded as failed with the error and never
 runs; a member whose loss becomes non-finite is marked failed in its round while the others of
@@ -246,9 +248,13 @@ class _GroupProgram(train.Program):
     conv_impl = models.resolve_impl(base.conv_impl, batched_clients=self.batched)
     self.model = models.get_model(base.model, dataset.num_classes, conv_impl=conv_impl)
     self.hparams = train.algorithm_hparams(base)
-    # As in `train.build_experiment`: minibatches never exceed the largest client (of any
-    # member; a larger cap than a member's own changes no minibatch, only its padding).
-    self.batch_size = min(base.batch_size, max(int(info.max_size) for info in self.infos))
+    # As in `train.build_experiment`: minibatches never exceed the largest client.
+    capped = {min(base.batch_size, int(info.max_size)) for info in self.infos}
+    if len(capped) > 1:
+      # A separate run caps its minibatch at its own largest client: members whose caps
+      # differ compute different minibatches, so they cannot share a compiled round.
+      raise ValueError(f'members cap batch_size at different sizes ({sorted(capped)})')
+    (self.batch_size,) = capped
     dummy = jnp.zeros((1,) + tuple(self.data.input_shape), jnp.float32)
     init = jax.jit(self.model.init)
     self.params = _stack([init(jax.random.fold_in(jax.random.key(c.seed), 0), dummy)['params']
@@ -356,16 +362,18 @@ def _stack(trees: Sequence[Any]) -> Any:
 def _static_key(config: ml_collections.ConfigDict, traced: tuple[str, ...]) -> str:
   """What must be equal for members to share a compile: the config without seed and traced keys."""
   flat = workdir_lib.flatten(config.to_dict())
-  for key in traced + ('seed',):
+  # Also per member, not in the compiled round: checkpoint cadence, events, the data's folder.
+  for key in traced + ('seed', 'checkpoint_every', 'tensorboard', 'data_dir'):
     flat.pop(key, None)
   return json.dumps(flat, sort_keys=True, default=str)
 
 
-def _write_status(entry: _Entry) -> None:
+def _write_status(entry: _Entry, stage: str = 'run') -> None:
+  """``stage``: where a failure happened, ``config`` (re-checked on every run) or ``run``."""
   entry.workdir.mkdir(parents=True, exist_ok=True)
   workdir_lib.write_atomic(entry.workdir / STATUS_FILE, json.dumps(
       {'status': entry.status, 'error': entry.error, 'overrides': entry.overrides,
-       'seconds': entry.seconds}, indent=2, sort_keys=True) + '\n')
+       'seconds': entry.seconds, 'stage': stage}, indent=2, sort_keys=True) + '\n')
 
 
 def _read_status(workdir: pathlib.Path) -> dict[str, Any]:
@@ -413,6 +421,16 @@ def run_sweep(base: ml_collections.ConfigDict, members: Sequence[dict[str, Any]]
   # Traced: the swept keys whose values enter the round as numbers. Chosen from the sweep (not
   # from a group's values), so a member's state has the same structure on every resume.
   traced = tuple(k for k in train.TRACEABLE_KEYS if k in swept)
+  try:
+    train.validate_config(base)
+  except ValueError as err:
+    raise UsageError(f'The sweep\'s base config is invalid: {err}') from None
+  for m in members:  # a misspelt key fails the sweep, not each member
+    for key in m:
+      try:
+        member_config(base, {key: _get(base, key)})
+      except ValueError as err:
+        raise UsageError(str(err)) from None
   train._make_workdir(root)  # pylint: disable=protected-access
   with workdir_lib.lock(root):
     for e in entries:
@@ -433,20 +451,42 @@ def run_sweep(base: ml_collections.ConfigDict, members: Sequence[dict[str, Any]]
   return rows
 
 
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+  """``config``'s value at dotted ``key`` (None where the path does not exist)."""
+  node = config
+  for part in key.split('.'):
+    if not hasattr(node, 'keys') or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
 def _prepare(e: _Entry, base: ml_collections.ConfigDict, retry_failed: bool) -> None:
-  """Builds and validates a member's config; decides whether it still has to run."""
+  """Builds and validates a member's config; decides whether it still has to run.
+
+  Raises:
+    UsageError: the member's workdir holds a run of another config, or more rounds than
+      ``num_rounds`` (what `fedsparse.train.run` refuses), before anything runs.
+  """
   status = _read_status(e.workdir)
   e.seconds = status.get('seconds', 0.0)
-  if status.get('status') == 'failed' and not retry_failed:
-    e.status, e.error = 'failed', status.get('error', '')
-    return
   try:
     e.config = member_config(base, e.overrides)
     train.validate_config(e.config)
+    saved = train._saved_config(e.config, train.algorithm_hparams(e.config))  # pylint: disable=protected-access
   except (ValueError, TypeError) as err:
+    # Recomputed on every run (never read back): fixing the base config fixes the member.
     e.status, e.error = 'failed', f'{type(err).__name__}: {err}'
-    _write_status(e)
+    _write_status(e, stage='config')
     return
+  if status.get('status') == 'failed' and status.get('stage') == 'run' and not retry_failed:
+    e.status, e.error = 'failed', status.get('error', '')
+    return
+  try:
+    train._check_resumable(e.workdir, saved, e.config)  # pylint: disable=protected-access
+  except UsageError as err:
+    raise UsageError(f'Sweep member {e.name!r}: {err} (a sweep has no --overwrite: delete '
+                     f'{str(e.workdir)!r} to run this member from the start)') from None
   rows = workdir_lib.read_metrics(e.workdir / train.METRICS_FILE)
   if (status.get('status') == 'done' and len(rows) == e.config.num_rounds
       and 'test_accuracy' in rows[-1]):
@@ -458,7 +498,7 @@ def _run_group(group: list[_Entry], traced: tuple[str, ...], strategy: str) -> N
   t0 = time.perf_counter()
   try:
     program = _GroupProgram([e.config for e in group], traced, strategy)
-  except (ValueError, TypeError, FileNotFoundError) as err:
+  except Exception as err:  # pylint: disable=broad-except -- recorded per member
     if len(group) > 1:
       # E.g. seeds whose partitions keep different numbers of clients: each member alone.
       logging.info('Sweep: the group cannot run as one (%s); running its members one by one.',
@@ -475,21 +515,28 @@ def _run_group(group: list[_Entry], traced: tuple[str, ...], strategy: str) -> N
       try:
         train._make_workdir(e.workdir)  # pylint: disable=protected-access
         stack.enter_context(workdir_lib.lock(e.workdir))
+      except UsageError as err:
+        # Busy (a run of its own holds it) or unwritable: nothing about the member is wrong,
+        # so nothing is recorded in its workdir; the next run of the sweep tries again.
+        e.status, e.error = 'failed', f'{type(err).__name__}: {err}'
+        continue
+      try:
         saved = train._saved_config(e.config, program.hparams)  # pylint: disable=protected-access
         start, history = train._check_resumable(e.workdir, saved, e.config)  # pylint: disable=protected-access
-      except UsageError as err:
+        members[i] = train.Member(e.config, e.workdir, saved, history,
+                                  program.member_algorithm(i))
+      except Exception as err:  # pylint: disable=broad-except -- recorded per member
         _fail_all([e], err)
         continue
-      members[i] = train.Member(e.config, e.workdir, saved, history, program.member_algorithm(i))
       by_start.setdefault(start, []).append(i)
     for start, indices in sorted(by_start.items()):
-      sub = program if len(indices) == len(group) else _GroupProgram(
-          [group[i].config for i in indices], traced, strategy)
       t1 = time.perf_counter()
       for i in indices:
         group[i].status = 'running'
         _write_status(group[i])
       try:
+        sub = program if len(indices) == len(group) else _GroupProgram(
+            [group[i].config for i in indices], traced, strategy)
         train.run_members(sub, [members[i] for i in indices], start)
       except Exception as err:  # pylint: disable=broad-except -- recorded per member
         logging.error('Sweep group failed: %s', traceback.format_exc())

@@ -728,7 +728,15 @@ def _rounds(program: Program, members: list[Member], state: Any, start_round: in
       t0 = time.perf_counter()
       state, metrics = program.step(state, t)
       seconds = time.perf_counter() - t0
-      rows = {i: _metrics_row(members[i], metrics[i], t, seconds) for i in alive}
+      rows = {}
+      for i in alive:
+        try:
+          rows[i] = _metrics_row(members[i], metrics[i], t, seconds)
+        except Exception as e:  # pylint: disable=broad-except -- this member's host work only
+          members[i].error = e
+      alive = list(rows)
+      if not alive:
+        break
       if t == start_round:
         for row in rows.values():
           row['compile_seconds'] = compile_seconds
@@ -738,7 +746,10 @@ def _rounds(program: Program, members: list[Member], state: Any, start_round: in
         for i in finite:
           rows[i].update(evals[i])
       for i in alive:
-        _log_row(members[i], rows[i], t, state, program, i)
+        try:
+          _log_row(members[i], rows[i], t, state, program, i)
+        except Exception as e:  # pylint: disable=broad-except -- e.g. a failed checkpoint save
+          members[i].error = e
       elapsed += time.perf_counter() - t0
       eta = elapsed / (t + 1 - start_round) * (num_rounds - t - 1)
       best = max(alive, key=lambda i: rows[i].get('test_accuracy', -1.0))
@@ -753,7 +764,10 @@ def _rounds(program: Program, members: list[Member], state: Any, start_round: in
     if m.manager is not None:
       m.manager.wait_until_finished()
     if m.error is None:
-      _export(program, m, state, i)
+      try:
+        _export(program, m, state, i)
+      except Exception as e:  # pylint: disable=broad-except -- this member's export only
+        m.error = e
 
 
 def _log_row(m: Member, row: dict[str, Any], t: int, state: Any, program: Program,

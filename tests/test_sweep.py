@@ -19,6 +19,7 @@ from fedsparse import sweep
 from fedsparse import train
 
 from tests import test_train
+from tests import test_workdir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / 'experiments' / 'configs'
@@ -142,6 +143,9 @@ def test_a_failing_member_is_recorded_and_the_others_finish(tmp_path):
   assert not (tmp_path / 'learning_rate=-1' / 'metrics.jsonl').exists()
   diverged = rows_of(tmp_path / 'learning_rate=1e+08')
   assert diverged[-1]['train_loss'] is None  # its last row, as a single run writes it
+  assert len(diverged) < base.num_rounds  # it failed mid-run; its group went on without it
+  test_workdir.assert_events_match_metrics(tmp_path / 'learning_rate=1e+08')
+  test_workdir.assert_events_match_metrics(tmp_path / 'learning_rate=0.05')
   # The finished members are exactly what they are alone (the NaN member shared their group).
   train.run(sweep.member_config(base, members[0]), tmp_path / 'alone')
   assert_rows_close(rows_of(tmp_path / 'learning_rate=0.05'), rows_of(tmp_path / 'alone'), 1e-5)
@@ -168,6 +172,55 @@ def test_rerunning_keeps_finished_and_failed_members_unless_asked(tmp_path, monk
   assert runs == [] and [r['status'] for r in rows] == ['done', 'failed']
   rows = sweep.run_sweep(base, members, tmp_path, strategy='sequential', retry_failed=True)
   assert runs == [1] and [r['status'] for r in rows] == ['done', 'failed']
+
+
+def test_a_crashing_group_fails_its_members_and_the_others_finish(tmp_path, monkeypatch):
+  original = sweep._GroupProgram.compile  # pylint: disable=protected-access
+
+  def compile_or_crash(self, state):
+    if self.batch_size == 8:
+      raise MemoryError('out of memory compiling the round')
+    return original(self, state)
+  monkeypatch.setattr(sweep._GroupProgram, 'compile', compile_or_crash)  # pylint: disable=protected-access
+  members = sweep.product(sweep.sweep('batch_size', [8, 16]), sweep.sweep('seed', [0, 1]))
+  rows = sweep.run_sweep(digits(rounds=2), members, tmp_path, strategy='sequential')
+  assert [(r['batch_size'], r['status']) for r in rows] == [
+      (8, 'failed'), (8, 'failed'), (16, 'done'), (16, 'done')]
+  assert all('MemoryError: out of memory' in r['error'] for r in rows[:2])
+
+
+def test_a_config_change_or_fewer_rounds_fails_the_sweep_before_it_runs(tmp_path):
+  base = digits(rounds=2)
+  members = [{'seed': 0}, {'seed': 1}]
+  sweep.run_sweep(base, members, tmp_path, strategy='sequential')
+  before = {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file() and '.lock' not in p.name}
+  changed = base.copy_and_resolve_references()
+  changed.learning_rate = 0.1
+  with pytest.raises(train.UsageError, match="member 'seed=0'.*different config"):
+    sweep.run_sweep(changed, members, tmp_path, strategy='sequential')
+  fewer = base.copy_and_resolve_references()
+  fewer.num_rounds = 1
+  with pytest.raises(train.UsageError, match='num_rounds=1 is below'):
+    sweep.run_sweep(fewer, members, tmp_path, strategy='sequential')
+  with pytest.raises(train.UsageError, match='Unknown sweep key'):
+    sweep.run_sweep(base, [{'learning_rat': 0.1}], tmp_path, strategy='sequential')
+  after = {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file() and '.lock' not in p.name}
+  assert after == before  # nothing changed: still two finished members
+  assert [r['status'] for r in sweep.run_sweep(base, members, tmp_path)] == ['done', 'done']
+
+
+def test_an_invalid_member_runs_once_the_base_config_is_fixed(tmp_path):
+  base = digits(rounds=2)
+  base.lr_schedule, base.cosine_min_lr, base.cosine_epochs = 'cosine', 0.04, 1
+  members = [{'learning_rate': 0.03}, {'learning_rate': 0.05}]  # 0.03 is below cosine_min_lr
+  rows = sweep.run_sweep(base, members, tmp_path, strategy='sequential')
+  assert [r['status'] for r in rows] == ['failed', 'done']
+  assert 'cosine_min_lr' in rows[0]['error']
+  base.cosine_min_lr = 0.01  # a new base: the finished member no longer matches it either
+  with pytest.raises(train.UsageError, match='different config'):
+    sweep.run_sweep(base, members, tmp_path, strategy='sequential')
+  rows = sweep.run_sweep(base, members[:1], tmp_path, strategy='sequential')
+  assert [r['status'] for r in rows] == ['done']  # not kept as failed: it was never run
 
 
 def test_a_grown_sweep_resumes_from_checkpoints(tmp_path):
