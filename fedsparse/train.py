@@ -514,8 +514,9 @@ class _SingleProgram(Program):
 
   def compile(self, state):
     exp = self.exp
-    # Replicated outputs: left to the compiler, per-client metrics (and parts of the state)
-    # may come out sharded over the processes, which no single process could read.
+    # Replicated outputs by contract, not by the compiler's choice (which today is replication
+    # for every algorithm's state and metrics): every process then holds the whole state, to
+    # checkpoint, evaluate and export it, and reads the metrics from its own copy.
     kwargs = {'out_shardings': self.placement} if self.on_mesh else {}
     self.round_fn = engine.jit(exp.algorithm.round, batched_clients=exp.mapping.batches_clients,
                                donate_argnums=0, **kwargs).lower(
