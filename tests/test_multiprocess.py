@@ -166,6 +166,16 @@ def test_processes_with_different_configs_fail_fast(tmp_path):
   assert not workdir.exists()
 
 
+def test_a_workdir_that_process_0_cannot_use_stops_every_process(tmp_path):
+  (tmp_path / 'file').write_text('')
+  codes, outputs = _launch(
+      _process_commands(tmp_path / 'file', ['--config.num_rounds=2']), _env(devices=1),
+      tmp_path / 'logs')
+  assert codes == [run_lib.USAGE_ERROR] * 2, outputs
+  assert 'is a file, not a directory' in outputs[0], outputs[0]
+  assert 'Process 0 could not create or lock the workdir' in outputs[1], outputs[1]
+
+
 def test_a_checkpoint_of_eight_devices_resumes_on_one(tmp_path):
   """Restores into this run's devices, not the writer's (was: orbax's "Topology mismatch")."""
   config = _config()
