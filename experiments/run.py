@@ -13,6 +13,11 @@ Re-running a workdir resumes it if the config matches (``num_rounds`` may grow; 
 checkpoint cadence may change); ``--overwrite`` starts over. Errors in flags, config, data or
 workdir print one line (``--traceback`` for more) and exit with code 2, before anything is
 written.
+
+Multi-process (multi-host) runs start the same command in every process, adding
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or
+``--coordinator_address=auto`` where JAX detects them: Cloud TPU pod slices, SLURM, Open MPI);
+see the README's "Multi-host" section. Process 0 writes the files; its log shows the progress.
 """
 
 import logging as std_logging
@@ -25,6 +30,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from fedsparse import distributed
 from fedsparse import train
 from fedsparse.algorithms import registry
 
@@ -46,7 +52,53 @@ def _define_flags(fv: flags.FlagValues, argv: Sequence[str]):
   show_traceback = flags.DEFINE_bool(
       'traceback', False, 'On an error, print the full traceback instead of one line.',
       flag_values=fv)
+  flags.DEFINE_string(
+      'coordinator_address', None, 'Multi-process runs: HOST:PORT of process 0 (the same in '
+      'every process), or "auto" to let JAX detect the job (Cloud TPU pod slice, SLURM, Open '
+      'MPI). Omitted: a single-process run.', flag_values=fv)
+  flags.DEFINE_integer('num_processes', None, 'Multi-process runs: the number of processes.',
+                       flag_values=fv)
+  flags.DEFINE_integer('process_id', None, 'Multi-process runs: this process\'s index, 0 to '
+                       'num_processes - 1 (process 0 writes the files).', flag_values=fv)
   return config, workdir, overwrite, show_traceback
+
+
+_PROCESS_FLAGS = ('coordinator_address', 'num_processes', 'process_id')
+
+
+def start_processes(fv: flags.FlagValues) -> None:
+  """Joins the `jax.distributed` job that the flags describe (none given: one process).
+
+  Must run before anything uses a JAX device.
+
+  Raises:
+    train.UsageError: for an incomplete or invalid set of flags, naming the valid values.
+  """
+  values = {name: fv[name].value for name in _PROCESS_FLAGS}
+  if all(v is None for v in values.values()):
+    return
+  if values['coordinator_address'] == 'auto':
+    others = [f'--{k}' for k in ('num_processes', 'process_id') if values[k] is not None]
+    if others:
+      raise train.UsageError(f'--coordinator_address=auto detects the process count and id; '
+                             f'omit {" and ".join(others)}.')
+    values = {}  # jax.distributed.initialize() reads them from the cluster
+  else:
+    missing = [f'--{k}' for k, v in values.items() if v is None]
+    if missing:
+      raise train.UsageError(
+          f'A multi-process run needs --coordinator_address=HOST:PORT (of process 0), '
+          f'--num_processes and --process_id in every process (or --coordinator_address=auto '
+          f'on a Cloud TPU pod slice, SLURM or Open MPI); missing: {", ".join(missing)}.')
+  try:
+    distributed.initialize(**values)
+  except ValueError as e:
+    message = str(e)
+    for name in _PROCESS_FLAGS:
+      message = message.replace(f'{name} ', f'--{name} ')
+    raise train.UsageError(message) from e
+  if not distributed.is_primary():
+    logging.set_verbosity(logging.WARNING)  # progress once (process 0's), warnings from all
 
 
 def _config_arg(argv: Sequence[str]) -> str | None:
@@ -162,6 +214,7 @@ def cli(argv: Sequence[str]) -> int:
       return fail(f'--{name} is required, e.g. --config=experiments/configs/digits_fedavg.py '
                    '--workdir=/tmp/digits', USAGE_ERROR)
   try:
+    start_processes(fv)
     last = train.run(config.value, workdir.value, overwrite=overwrite.value)
   except train.UsageError as e:
     if show_traceback.value:
@@ -171,11 +224,12 @@ def cli(argv: Sequence[str]) -> int:
     if show_traceback.value:
       traceback.print_exc()
     return fail(f'{e} Metrics so far: {workdir.value}/metrics.jsonl', RUN_ERROR)
-  print(f'Final (round {last["round"]}): pooled test accuracy {last["test_accuracy"]:.4f}, '
-        f'mean client accuracy {last["client_accuracy_mean"]:.4f}; communicated '
-        f'{last["cum_bits_up"]:,} bits up ({last["cum_bits_up"] / 8e6:.2f} MB), '
-        f'{last["cum_bits_down"]:,} bits down ({last["cum_bits_down"] / 8e6:.2f} MB). '
-        f'Metrics: {workdir.value}/metrics.jsonl')
+  if distributed.is_primary():  # the other processes of a multi-process run hold the same
+    print(f'Final (round {last["round"]}): pooled test accuracy {last["test_accuracy"]:.4f}, '
+          f'mean client accuracy {last["client_accuracy_mean"]:.4f}; communicated '
+          f'{last["cum_bits_up"]:,} bits up ({last["cum_bits_up"] / 8e6:.2f} MB), '
+          f'{last["cum_bits_down"]:,} bits down ({last["cum_bits_down"] / 8e6:.2f} MB). '
+          f'Metrics: {workdir.value}/metrics.jsonl')
   return 0
 
 

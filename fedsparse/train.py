@@ -52,6 +52,7 @@ import optax
 
 from fedsparse import algorithms
 from fedsparse import data as data_lib
+from fedsparse import distributed
 from fedsparse import engine
 from fedsparse import models
 from fedsparse import workdir as workdir_lib
@@ -295,9 +296,12 @@ def _format_eta(seconds: float) -> str:
 def _checkpoint_manager(workdir: pathlib.Path, every: int):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (slow import; optional)
   # Saves are requested explicitly (every `checkpoint_every` rounds and after the last round).
+  # In a multi-process job every process creates the manager on the same (shared, absolute)
+  # path and takes part in every save and restore: orbax writes each array once, from the
+  # process that owns it, and synchronises the processes itself.
   options = ocp.CheckpointManagerOptions(max_to_keep=1, save_interval_steps=max(every, 1),
                                          enable_async_checkpointing=False)
-  return ocp, ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
+  return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
 
 
 def _saved_config(config: ml_collections.ConfigDict, hparams: Any) -> dict[str, Any]:
@@ -415,8 +419,14 @@ class Program:
   members whose rounds are mapped over a member axis and compiled once. The loop
   (`run_members`) only sees this interface, so logging, checkpointing, resuming and exporting
   are the same code for both.
+
+  Attributes:
+    num_members: how many runs the program computes.
+    multiprocess: whether it can run in every process of a multi-process `jax.distributed`
+      job (its state, inputs and outputs global arrays, see `fedsparse.distributed`).
   """
   num_members: int = 1
+  multiprocess: bool = False
 
   def init(self) -> Any:
     """The initial state of every member (stacked for groups)."""
@@ -446,22 +456,54 @@ class Program:
     """Every member's evaluation after round ``t`` (`_evaluate`'s keys)."""
     raise NotImplementedError
 
+  def key(self, key: jax.Array) -> jax.Array:
+    """``key`` placed where the program's state lives (for work outside `step`)."""
+    return key
+
 
 class _SingleProgram(Program):
-  """One experiment: its algorithm's round jitted as it is."""
+  """One experiment: its algorithm's round jitted as it is.
+
+  Where the state lives (`placement`): on one device, unless the clients are sharded over
+  several devices or processes. Then the state, the data and every key are replicated over
+  the global mesh (`fedsparse.distributed.replicated`), and the round returns its state and
+  metrics replicated: every process holds the whole state (to checkpoint it, evaluate it,
+  export it) and reads the metrics from its own copy. One program serves one process with
+  several devices and several processes alike, so both compute the same numbers.
+  """
+  multiprocess = True
 
   def __init__(self, exp: Experiment):
+    self.on_mesh = jax.process_count() > 1 or exp.mapping.resolved() == 'sharded'
+    if self.on_mesh:
+      # A computation over the global mesh takes global arrays only.
+      exp = dataclasses.replace(exp, params=distributed.to_global(exp.params),
+                                data=distributed.to_global(exp.data))
     self.exp = exp
     self.round_fn = None
 
+  @property
+  def placement(self) -> jax.sharding.Sharding:
+    """Where the state lives, and where a resume restores it (whatever devices wrote it)."""
+    if self.on_mesh:
+      return distributed.replicated()
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+  def key(self, key):
+    return distributed.to_global(key) if self.on_mesh else key
+
   def _init_args(self):
-    return _algorithm_key(self.exp.config.seed), self.exp.params, self.exp.data
+    return self.key(_algorithm_key(self.exp.config.seed)), self.exp.params, self.exp.data
 
   def init(self):
-    return self.exp.algorithm.init(*self._init_args())
+    state = self.exp.algorithm.init(*self._init_args())
+    return jax.device_put(state, self.placement) if self.on_mesh else state
 
   def abstract_state(self):
-    return jax.eval_shape(self.exp.algorithm.init, *self._init_args())
+    # Explicit shardings: orbax restores into them, not into the devices of the run that wrote
+    # the checkpoint (e.g. two, when this run has one: a topology mismatch otherwise).
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.placement),
+                        jax.eval_shape(self.exp.algorithm.init, *self._init_args()))
 
   def member_state(self, state, i):
     return state
@@ -472,16 +514,21 @@ class _SingleProgram(Program):
 
   def compile(self, state):
     exp = self.exp
+    # Replicated outputs by contract, not by the compiler's choice (which today is replication
+    # for every algorithm's state and metrics): every process then holds the whole state, to
+    # checkpoint, evaluate and export it, and reads the metrics from its own copy.
+    kwargs = {'out_shardings': self.placement} if self.on_mesh else {}
     self.round_fn = engine.jit(exp.algorithm.round, batched_clients=exp.mapping.batches_clients,
-                               donate_argnums=0).lower(
-        state, exp.data, _round_key(exp.config.seed, 0)).compile()
+                               donate_argnums=0, **kwargs).lower(
+        state, exp.data, self.key(_round_key(exp.config.seed, 0))).compile()
 
   def step(self, state, t):
-    state, metrics = self.round_fn(state, self.exp.data, _round_key(self.exp.config.seed, t))
-    return state, [jax.device_get(metrics)]
+    state, metrics = self.round_fn(state, self.exp.data,
+                                   self.key(_round_key(self.exp.config.seed, t)))
+    return state, [distributed.to_host(metrics)]
 
   def evaluate(self, state, t):
-    return [_evaluate(self.exp, state, _eval_key(self.exp.config.seed, t))]
+    return [_evaluate(self.exp, state, self.key(_eval_key(self.exp.config.seed, t)))]
 
 
 @dataclasses.dataclass
@@ -534,21 +581,30 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
       ``null`` values).
   """
   workdir = pathlib.Path(workdir)
+  primary = distributed.is_primary()
   with _usage_errors():
     validate_config(config)  # cheap checks first: nothing is created for a bad config
-    created = _make_workdir(workdir)
-  had_lock_file = (workdir / workdir_lib.LOCK_FILE).exists()
-  with workdir_lib.lock(workdir):
+    # The processes of a multi-process job must run the same experiment into the same workdir
+    # (the same flags everywhere): otherwise their collectives would not match.
+    distributed.check_same([config.to_dict(), str(workdir.absolute()), overwrite],
+                           'the config, --workdir or --overwrite')
+  with contextlib.ExitStack() as held:
+    # Only process 0 creates and locks the workdir; the others learn whether it could.
+    created, had_lock_file = _on_primary(lambda: _open_workdir(workdir, held), (False, True))
     try:
+      _check_shared(workdir)
       with _usage_errors():
         exp = build_experiment(config)  # data, model, abstract init: may still reject input
       saved = _saved_config(config, exp.hparams)
-      if overwrite:
+      if overwrite and primary:
         _clear(workdir)
+      distributed.barrier('workdir cleared')  # before any process reads it
       start_round, history = _check_resumable(workdir, saved, config)
+      with _usage_errors():
+        distributed.check_same([start_round, history], f'the state of {str(workdir)!r}')
     except UsageError:
       # Leave no trace of a run that never started (the lock is still held meanwhile).
-      if not had_lock_file:
+      if primary and not had_lock_file:
         (workdir / workdir_lib.LOCK_FILE).unlink(missing_ok=True)
       if created:
         with contextlib.suppress(OSError):
@@ -560,6 +616,54 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
     if member.error is not None:
       raise member.error
     return member.last
+
+
+def _open_workdir(workdir: pathlib.Path, held: contextlib.ExitStack) -> tuple[bool, bool]:
+  """Creates ``workdir`` if needed and locks it until ``held`` closes.
+
+  Returns:
+    Whether it was created, and whether it had a lock file before.
+  """
+  created = _make_workdir(workdir)
+  had_lock_file = (workdir / workdir_lib.LOCK_FILE).exists()
+  held.enter_context(workdir_lib.lock(workdir))
+  return created, had_lock_file
+
+
+def _on_primary(fn: Any, others: Any) -> Any:
+  """``fn()`` in process 0 (returned there), ``others`` in the other processes.
+
+  A `UsageError` of ``fn`` is raised in every process: the others would otherwise go on to
+  wait in a collective that process 0 never reaches.
+  """
+  result, error = others, None
+  if distributed.is_primary():
+    try:
+      result = fn()
+    except UsageError as e:
+      error = e
+  failed = distributed.broadcast(np.int32(error is not None))
+  if error is not None:
+    raise error
+  if failed:
+    raise UsageError('Process 0 could not create or lock the workdir; its output says why.')
+  return result
+
+
+def _check_shared(workdir: pathlib.Path) -> None:
+  """Checks that every process sees the workdir that process 0 locked.
+
+  Every process reads the workdir (to resume) and writes checkpoints into it (orbax saves in
+  concert): it must be one directory, on a filesystem every host shares. The lock file, which
+  names process 0's pid, host and start time, is what they compare.
+  """
+  if jax.process_count() == 1:
+    return
+  path = workdir / workdir_lib.LOCK_FILE
+  with _usage_errors():
+    distributed.check_same(path.read_text() if path.exists() else None,
+                           f'{str(path)!r} (--workdir must be one directory on a filesystem '
+                           'that every host shares)')
 
 
 @contextlib.contextmanager
@@ -599,6 +703,10 @@ def run_members(program: Program, members: list[Member], start_round: int) -> No
     start_round: the round every member resumes after (0: a fresh start).
   """
   num_rounds = members[0].config.num_rounds
+  if jax.process_count() > 1 and not program.multiprocess:
+    raise UsageError(f'{type(program).__name__} runs in one process only, but this is process '
+                     f'{jax.process_index()} of {jax.process_count()}; run it without '
+                     'jax.distributed (drop --coordinator_address and the like).')
   try:
     with contextlib.ExitStack() as stack:
       state = _start(program, members, start_round, stack)
@@ -607,7 +715,7 @@ def run_members(program: Program, members: list[Member], start_round: int) -> No
       else:
         _finish(program, members, state)
   finally:
-    for m in members:
+    for m in members if distributed.is_primary() else ():
       folder = m.workdir / CHECKPOINT_DIR
       if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()  # no empty checkpoints/ left behind (e.g. a NaN in the first rounds)
@@ -626,23 +734,31 @@ def _start(program: Program, members: list[Member], start_round: int,
     state = jax.block_until_ready(program.init())
     logging.info('Algorithm initialised in %.1f s (compile and one-time work such as FLASH\'s '
                  'stage 1).', time.perf_counter() - t0)
+  # In a multi-process job, process 0 writes the files; every process checkpoints (orbax
+  # coordinates the processes' saves and restores itself).
+  primary = distributed.is_primary()
+  if not start_round:
+    for m in members:
+      m.history = []
+      if primary:
+        shutil.rmtree(m.workdir / CHECKPOINT_DIR, ignore_errors=True)  # stale or partial saves
+        (m.workdir / MODEL_FILE).unlink(missing_ok=True)  # an earlier run's export is not ours
+    distributed.barrier('stale checkpoints removed')  # before any process opens checkpoints/
   for i, m in enumerate(members):
     every = m.config.checkpoint_every
     if every or start_round:
-      ocp, m.manager = _checkpoint_manager(m.workdir, every)
+      m.manager = _checkpoint_manager(m.workdir, every)
       stack.callback(m.manager.close)  # also on errors: restore, compile, a non-finite loss
     if start_round:
       states.append(_restore(m, program.member_state(abstract, i), start_round))
-    else:
-      m.history = []
-      shutil.rmtree(m.workdir / CHECKPOINT_DIR, ignore_errors=True)  # stale or partial saves
-      (m.workdir / MODEL_FILE).unlink(missing_ok=True)  # an earlier run's export is not this one's
+    m.last = m.history[-1] if m.history else {}
+    if not primary:
+      continue
     workdir_lib.write_atomic(m.workdir / CONFIG_FILE,
                              json.dumps(m.saved, indent=2, sort_keys=True) + '\n')
     # Only the rounds the restored state has seen (drops any torn or later line).
     workdir_lib.write_atomic(m.workdir / METRICS_FILE, ''.join(
         workdir_lib.json_row(r) + '\n' for r in m.history))
-    m.last = m.history[-1] if m.history else {}
     if m.config.get('tensorboard', True):
       # A last row that `_finish` will evaluate is written again whole: its round's earlier
       # events are purged with the rest.
@@ -718,7 +834,7 @@ def _rounds(program: Program, members: list[Member], state: Any, start_round: in
                f' for {len(members)} runs' if len(members) > 1 else '')
   config = members[0].config
   with contextlib.ExitStack() as stack:
-    for m in members:
+    for m in members if distributed.is_primary() else ():
       m.metrics_file = stack.enter_context((m.workdir / METRICS_FILE).open('a'))
     elapsed = 0.0
     for t in range(start_round, num_rounds):
@@ -773,8 +889,9 @@ def _rounds(program: Program, members: list[Member], state: Any, start_round: in
 def _log_row(m: Member, row: dict[str, Any], t: int, state: Any, program: Program,
              i: int) -> None:
   """Writes member ``m``'s row (metrics.jsonl, TensorBoard) and its checkpoint if due."""
-  m.metrics_file.write(workdir_lib.json_row(row) + '\n')  # one write per line: never torn
-  m.metrics_file.flush()
+  if m.metrics_file is not None:  # process 0's (the only one in a single-process run)
+    m.metrics_file.write(workdir_lib.json_row(row) + '\n')  # one write per line: never torn
+    m.metrics_file.flush()
   if m.events is not None:
     m.events.write(row)
   m.last = row
@@ -796,8 +913,11 @@ def _export(program: Program, m: Member, state: Any, i: int) -> None:
   """Writes the algorithm's export of member ``m``'s final model (atomically), if it has one."""
   if m.algorithm.export is None or not m.last:
     return
-  arrays = m.algorithm.export(program.member_state(state, i),
-                              _eval_key(m.config.seed, m.last['round'] - 1))
+  # Computed in every process (on global arrays it is a collective), written by process 0.
+  arrays = distributed.to_host(m.algorithm.export(
+      program.member_state(state, i), program.key(_eval_key(m.config.seed, m.last['round'] - 1))))
+  if not distributed.is_primary():
+    return
   tmp = m.workdir / (MODEL_FILE + '.tmp')
   with tmp.open('wb') as f:
     np.savez(f, **arrays)
@@ -808,11 +928,11 @@ def _export(program: Program, m: Member, state: Any, i: int) -> None:
 
 def _evaluate(exp: Experiment, state: Any, key: jax.Array) -> dict[str, float]:
   """The global model's test metrics, and each of the algorithm's variants' as ``name/metric``."""
-  ev = jax.device_get(exp.evaluate(exp.algorithm.eval_params(state, key), exp.data))
+  ev = distributed.to_host(exp.evaluate(exp.algorithm.eval_params(state, key), exp.data))
   out = {k: float(v) for k, v in ev.items()}
   if exp.algorithm.eval_variants is not None:
     for name, params in exp.algorithm.eval_variants(state, key).items():
-      ev = jax.device_get(exp.evaluate(params, exp.data))
+      ev = distributed.to_host(exp.evaluate(params, exp.data))
       out.update({f'{name}/{k}': float(v) for k, v in ev.items()})
   return out
 
@@ -831,8 +951,9 @@ def _finish(program: Program, members: list[Member], state: Any) -> None:
     if not _evaluated(m.history):
       # E.g. a run cut to the round of its last checkpoint: the final round is always evaluated.
       m.last.update(evals[i])
-      workdir_lib.write_atomic(m.workdir / METRICS_FILE, ''.join(
-          workdir_lib.json_row(r) + '\n' for r in m.history[:-1] + [m.last]))
+      if distributed.is_primary():
+        workdir_lib.write_atomic(m.workdir / METRICS_FILE, ''.join(
+            workdir_lib.json_row(r) + '\n' for r in m.history[:-1] + [m.last]))
       if m.events is not None:
         m.events.write(m.last)
     logging.info('%s already holds all %d rounds.', m.workdir, m.last['round'])

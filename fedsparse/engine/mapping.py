@@ -12,9 +12,11 @@ Strategies:
   (``lax.map(..., batch_size=chunk_size)``): bounded memory for large cohorts, e.g. scoring
   1,000 clients at once.
 * ``sequential`` -- one client after another (``lax.map``). Least memory.
-* ``sharded`` -- the client axis split over all local devices of a ``jax.sharding.Mesh`` with
-  axis ``'clients'`` (``jax.shard_map``); each device maps its share with ``inner`` (one of the
-  strategies above). The cohort is padded to a multiple of the device count.
+* ``sharded`` -- the client axis split over all devices of a ``jax.sharding.Mesh`` with axis
+  ``'clients'`` (``jax.shard_map``); each device maps its share with ``inner`` (one of the
+  strategies above). The cohort is padded to a multiple of the device count. In a
+  multi-process `jax.distributed` job the mesh spans every process's devices
+  (``jax.devices()`` is global): the caller passes global arrays (`fedsparse.distributed`).
 * ``auto`` -- chosen per backend by :func:`default_strategy` from measurement (see README).
 
 :func:`map_clients` stacks the per-client outputs (a cohort's deltas); :func:`sum_clients`
@@ -249,8 +251,8 @@ def computed_iterations(steps: jax.Array, sizes: jax.Array, mapping: 'ClientMapp
 
 
 def _clients_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh over every local device with the axis ``'clients'``."""
-  devices = jax.devices()
+  """A 1-D mesh with the axis ``'clients'`` over every device of every process."""
+  devices = jax.devices()  # global: with several processes, theirs too
   # Auto axes let XLA insert the resharding of inputs that arrive replicated.
   return jax.make_mesh((len(devices),), ('clients',), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,))
