@@ -24,7 +24,7 @@ import logging as std_logging
 import os
 import sys
 import traceback
-from typing import Sequence
+from typing import Any, Sequence
 
 from absl import flags
 from absl import logging
@@ -184,6 +184,29 @@ def quiet_logs() -> None:
     handler.addFilter(_NoOrbaxInfo())
 
 
+def parse_flags(fv: flags.FlagValues, argv: Sequence[str], config: Any,
+                usage: str) -> int | None:
+  """Parses ``argv`` into ``fv`` and loads the ``--config`` file (``usage``: for ``--help``).
+
+  Returns:
+    None to go on; 0 after printing the usage and flags for ``--help``; or `USAGE_ERROR`
+    after printing one ``FATAL:`` line (the traceback with ``--traceback``) for a bad flag,
+    config file or override.
+  """
+  if any(a in ('-h', '--help', '--helpshort', '--helpfull') for a in argv[1:]):
+    print(usage.strip() + '\n\nFlags:\n' + fv.get_help(include_special_flags=False))
+    return 0
+  try:
+    fv(list(argv))
+    if fv['config'].present:
+      config.value.get('algorithm')  # ml_collections reports a load failure on first access
+  except Exception as e:  # pylint: disable=broad-except -- reported as one line
+    if any(a in ('--traceback', '--traceback=true', '--traceback=True') for a in argv):
+      traceback.print_exc()
+    return fail(flag_error(argv, e), USAGE_ERROR)
+  return None
+
+
 def fail(message: str, code: int) -> int:
   print(f'FATAL: {message}', file=sys.stderr)
   return code
@@ -199,16 +222,8 @@ def cli(argv: Sequence[str]) -> int:
   quiet_logs()
   fv = flags.FlagValues()
   config, workdir, overwrite, show_traceback = _define_flags(fv, argv)
-  wants_traceback = any(a in ('--traceback', '--traceback=true', '--traceback=True')
-                        for a in argv)
-  try:
-    fv(list(argv))
-    if fv['config'].present:
-      config.value.get('algorithm')  # ml_collections reports a load failure on first access
-  except Exception as e:  # pylint: disable=broad-except -- reported as one line
-    if wants_traceback:
-      traceback.print_exc()
-    return fail(flag_error(argv, e), USAGE_ERROR)
+  if (code := parse_flags(fv, argv, config, __doc__)) is not None:
+    return code
   for name in ('config', 'workdir'):
     if fv[name].value is None:
       return fail(f'--{name} is required, e.g. --config=experiments/configs/digits_fedavg.py '

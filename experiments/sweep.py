@@ -94,16 +94,8 @@ def cli(argv: Sequence[str]) -> int:
   run_lib.quiet_logs()
   fv = flags.FlagValues()
   config, values = _define_flags(fv, argv)
-  wants_traceback = any(a in ('--traceback', '--traceback=true', '--traceback=True')
-                        for a in argv)
-  try:
-    fv(list(argv))
-    if fv['config'].present:
-      config.value.get('algorithm')  # ml_collections reports a load failure on first access
-  except Exception as e:  # pylint: disable=broad-except -- reported as one line
-    if wants_traceback:
-      traceback.print_exc()
-    return run_lib.fail(run_lib.flag_error(argv, e), run_lib.USAGE_ERROR)
+  if (code := run_lib.parse_flags(fv, argv, config, __doc__)) is not None:
+    return code
   for name in ('config', 'sweep', 'workdir'):
     if fv[name].value is None:
       return run_lib.fail(

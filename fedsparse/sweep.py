@@ -202,6 +202,7 @@ class _Entry:
   error: str = ''
   seconds: float = 0.0
   group: int = -1
+  stage: str = 'run'  # where it failed: 'config' (checked again on every run) or 'run'
 
 
 class _GroupProgram(train.Program):
@@ -435,6 +436,16 @@ def run_sweep(base: ml_collections.ConfigDict, members: Sequence[dict[str, Any]]
   with workdir_lib.lock(root):
     for e in entries:
       _prepare(e, base, retry_failed)
+    unusable = [e for e in entries if e.status == 'unusable']
+    if unusable:
+      raise UsageError(
+          f'{len(unusable)} member(s) cannot continue the runs in their directories '
+          f'({", ".join(e.name for e in unusable[:4])}{", ..." if len(unusable) > 4 else ""}): '
+          f'{unusable[0].error}. Use a new --workdir for this sweep, or delete those members\' '
+          f'directories in {str(root)!r} to run them from the start.')
+    for e in entries:
+      if e.stage == 'config':
+        _write_status(e, stage='config')
     pending = [e for e in entries if e.status == 'pending']
     groups: dict[str, list[_Entry]] = {}
     for e in pending:
@@ -476,17 +487,16 @@ def _prepare(e: _Entry, base: ml_collections.ConfigDict, retry_failed: bool) -> 
     saved = train._saved_config(e.config, train.algorithm_hparams(e.config))  # pylint: disable=protected-access
   except (ValueError, TypeError) as err:
     # Recomputed on every run (never read back): fixing the base config fixes the member.
-    e.status, e.error = 'failed', f'{type(err).__name__}: {err}'
-    _write_status(e, stage='config')
+    e.status, e.error, e.stage = 'failed', f'{type(err).__name__}: {err}', 'config'
     return
   if status.get('status') == 'failed' and status.get('stage') == 'run' and not retry_failed:
     e.status, e.error = 'failed', status.get('error', '')
     return
   try:
-    train._check_resumable(e.workdir, saved, e.config)  # pylint: disable=protected-access
+    train._check_resumable(e.workdir, saved, e.config, log=False)  # pylint: disable=protected-access
   except UsageError as err:
-    raise UsageError(f'Sweep member {e.name!r}: {err} (a sweep has no --overwrite: delete '
-                     f'{str(e.workdir)!r} to run this member from the start)') from None
+    e.status, e.error = 'unusable', str(err).split('; use a new --workdir')[0]
+    return
   rows = workdir_lib.read_metrics(e.workdir / train.METRICS_FILE)
   if (status.get('status') == 'done' and len(rows) == e.config.num_rounds
       and 'test_accuracy' in rows[-1]):
@@ -650,7 +660,7 @@ def plot_summary(rows: Sequence[dict[str, Any]], path: str | pathlib.Path,
       means.setdefault(where(v), []).append(r[metric])
     xs = sorted(means)
     ax.plot(xs, [float(np.mean(means[x])) for x in xs], marker='o', lw=1.5)
-    if numeric and min(values) > 0 and max(values) / min(values) >= 20:
+    if numeric and min(values) > 0 and max(values) / min(values) >= 10:
       ax.set_xscale('log')  # e.g. learning rates over decades
     if not numeric:
       ax.set_xticks(range(len(categories)), categories, rotation=30)

@@ -367,7 +367,8 @@ def _resolved_hint(prior: dict[str, Any], saved: dict[str, Any],
 
 
 def _check_resumable(workdir: pathlib.Path, saved: dict[str, Any],
-                     config: ml_collections.ConfigDict) -> tuple[int, list[dict[str, Any]]]:
+                     config: ml_collections.ConfigDict, *, log: bool = True
+                     ) -> tuple[int, list[dict[str, Any]]]:
   """Decides where a run in ``workdir`` starts: (checkpointed round to restore, metric rows).
 
   Raises:
@@ -406,7 +407,7 @@ def _check_resumable(workdir: pathlib.Path, saved: dict[str, Any],
     raise UsageError(
         f'The checkpoint after round {start} in {str(workdir)!r} has metrics for only '
         f'{len(rows)} rounds, so the totals it continues from cannot be checked; {way_out}.')
-  if not start and rows:
+  if not start and rows and log:
     logging.info('No checkpoint in the workdir: running from round 1 again (the %d rounds '
                  'there are recomputed to the same numbers).', len(rows))
   return start, rows[:start]

@@ -196,7 +196,8 @@ def test_a_config_change_or_fewer_rounds_fails_the_sweep_before_it_runs(tmp_path
   before = {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file() and '.lock' not in p.name}
   changed = base.copy_and_resolve_references()
   changed.learning_rate = 0.1
-  with pytest.raises(train.UsageError, match="member 'seed=0'.*different config"):
+  with pytest.raises(train.UsageError,
+                     match=r'2 member\(s\) cannot continue .*\(seed=0, seed=1\).*different config'):
     sweep.run_sweep(changed, members, tmp_path, strategy='sequential')
   fewer = base.copy_and_resolve_references()
   fewer.num_rounds = 1
@@ -336,3 +337,13 @@ def test_cli_bad_input_fails_before_anything_runs(args, message, tmp_path, capsy
   assert code == 2
   assert message in capsys.readouterr().err
   assert not (tmp_path / 'out').exists() or not any((tmp_path / 'out').iterdir())
+
+
+def test_help_lists_the_flags(capsys):
+  from experiments import run as run_cli  # pylint: disable=g-import-not-at-top
+  assert sweep_cli.cli(['sweep', '--help']) == 0
+  out = capsys.readouterr().out
+  assert '--member_mapping' in out and '--retry_failed' in out and '--sweep' in out
+  assert run_cli.cli(['run', '-h']) == 0
+  out = capsys.readouterr().out
+  assert '--workdir' in out and '--coordinator_address' in out
