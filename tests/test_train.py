@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -71,6 +72,36 @@ def test_configs_found():
           'cifar100_ssfl'} <= set(CONFIGS)
 
 
+# Every config's smoke-run metrics as recorded from an earlier version of the code: a change
+# meant to keep behaviour (a refactoring) must reproduce them. Re-record deliberately, after a
+# change that is meant to alter numbers, with FEDSPARSE_RECORD_GOLDEN=1 (and say why in the
+# commit).
+GOLDEN = pathlib.Path(__file__).resolve().parent / 'golden' / 'smoke_metrics'
+
+
+def check_golden(name: str, rows: list[dict]) -> None:
+  """Compares a smoke run's rows with the recorded ones: integers exactly, floats within 1e-6.
+
+  The float tolerance admits only a changed float32 summation order; a changed mask, cohort,
+  key or bit count moves the numbers far more.
+  """
+  path = GOLDEN / f'{name}.json'
+  rows = [{k: v for k, v in r.items() if not k.endswith('seconds')} for r in rows]
+  if os.environ.get('FEDSPARSE_RECORD_GOLDEN') == '1':
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows, indent=1, sort_keys=True) + '\n')
+  expected = json.loads(path.read_text())
+  assert len(rows) == len(expected)
+  for row, want in zip(rows, expected):
+    assert sorted(row) == sorted(want), (row.get('round'), sorted(set(row) ^ set(want)))
+    for key, value in want.items():
+      got = row[key]
+      if isinstance(value, float) or isinstance(got, float):
+        assert got == pytest.approx(value, rel=1e-6, abs=1e-7, nan_ok=True), (row['round'], key)
+      else:
+        assert got == value, (row['round'], key)
+
+
 @pytest.mark.parametrize('name', CONFIGS)
 def test_smoke_config_runs_end_to_end(name, tmp_path):
   config = load_config(name)
@@ -78,6 +109,7 @@ def test_smoke_config_runs_end_to_end(name, tmp_path):
   workdir = tmp_path / 'run'
   last = train.run(config, workdir)
   rows = read_rows(workdir)
+  check_golden(name, rows)
   assert [r['round'] for r in rows] == list(range(1, config.num_rounds + 1))
   for key in ('round', 'train_loss', 'bits_up', 'bits_down', 'cum_bits_up', 'cum_bits_down',
               'round_seconds', 'test_accuracy', 'client_accuracy_mean'):
