@@ -20,6 +20,7 @@ Multi-process (multi-host) runs start the same command in every process, adding
 see the README's "Multi-host" section. Process 0 writes the files; its log shows the progress.
 """
 
+import importlib.util
 import logging as std_logging
 import os
 import sys
@@ -110,6 +111,16 @@ def _config_arg(argv: Sequence[str]) -> str | None:
   return None
 
 
+def _load_module(path: str) -> Any:
+  """Imports the config file at ``path`` as a module of its own (as config_flags does)."""
+  spec = importlib.util.spec_from_file_location('fedsparse_config', os.path.expanduser(path))
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def _unknown_override(argv: Sequence[str]) -> str | None:
   """A one-line message for the first ``--config.a.b=v`` whose key the config lacks, if any."""
   config_arg = _config_arg(argv)
@@ -117,7 +128,7 @@ def _unknown_override(argv: Sequence[str]) -> str | None:
     return None
   path, _, arg = config_arg.partition(':')
   try:
-    module = config_flags.config_flags._LoadConfigModule('config', path)  # pylint: disable=protected-access
+    module = _load_module(path)
     config = module.get_config(arg) if arg else module.get_config()
   except Exception:  # pylint: disable=broad-except -- reported by flag_error
     return None

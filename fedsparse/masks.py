@@ -61,12 +61,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fedsparse.checks import check_choice
+
 __all__ = [
     'ALLOCATIONS',
     'TIES',
     'smallest_density',
     'SCOPES',
     'prunable_leaves',
+    'global_topk_traced',
+    'random_scores',
     'default_prunable',
     'leaf_paths',
     'ones_like',
@@ -129,11 +133,6 @@ def _prunable_flags(tree: Any, prunable: Any) -> tuple[list[Any], list[bool], An
   if pdef != treedef:
     raise ValueError(f'prunable must have the structure of the tree: {pdef} vs {treedef}.')
   return leaves, [bool(f) for f in flags], treedef
-
-
-def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-  if value not in valid:
-    raise ValueError(f'Unknown {name} {value!r}; valid choices are {valid}.')
 
 
 def _check_density(density: Any) -> float:
@@ -489,7 +488,7 @@ def allocate_densities(params: Any, prunable: Any, density: float,
     ValueError: for an unknown ``method``, a ``density`` outside (0, 1], or a ``'proportional'``
       budget that would prune a whole layer.
   """
-  _check_choice('allocation method', method, ALLOCATIONS)
+  check_choice('allocation method', method, ALLOCATIONS)
   d = _check_density(density)
   leaves, flags, treedef = _prunable_flags(params, prunable)
   idx = [i for i, f in enumerate(flags) if f]
@@ -525,7 +524,7 @@ def topk_mask(scores: jax.Array, k: int, ties: str = 'index') -> jax.Array:
   Raises:
     ValueError: for an unknown ``ties`` or a negative or non-integer ``k``.
   """
-  _check_choice('ties', ties, TIES)
+  check_choice('ties', ties, TIES)
   if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 0:
     raise ValueError(f'k must be a non-negative (static) integer, got {k!r}.')
   scores = jnp.asarray(scores)
@@ -547,19 +546,50 @@ def global_topk(scores: Any, prunable: Any, density: float,
   Returns:
     A bool mask pytree; non-prunable leaves all True.
   """
-  _check_choice('ties', ties, TIES)
+  check_choice('ties', ties, TIES)
+  leaves, flags, _ = _prunable_flags(scores, prunable)
+  p = sum(_size(s) for s, f in zip(leaves, flags) if f)
+  return global_topk_traced(scores, prunable, keep_count(density, p), ties)
+
+
+def global_topk_traced(scores: Any, prunable: Any, k: Any, ties: str = 'index') -> Any:
+  """One top-k over all prunable entries together, for a count ``k`` that may be traced.
+
+  The selection is by rank (as :func:`topk_traced`), so one compilation serves every ``k``: a
+  sweep over densities maps its members' counts through one compiled round.
+
+  Args:
+    scores: a pytree shaped like the params; values at non-prunable leaves are ignored. Leaves of
+      different dtypes are compared as float32.
+    prunable: the prunable flags (see :func:`prunable_leaves`).
+    k: an integer scalar, traced or not, clipped to ``[0, P]``.
+    ties: as in :func:`topk_mask`: ``'index'`` keeps exactly ``k`` (ties by index in the
+      concatenation of the prunable leaves in ``jax.tree.leaves`` order); ``'keep'`` keeps every
+      entry at least the k-th largest score.
+
+  Returns:
+    A bool mask pytree; non-prunable leaves all True.
+  """
+  check_choice('ties', ties, TIES)
   leaves, flags, treedef = _prunable_flags(scores, prunable)
   chosen = [jnp.asarray(s) for s, f in zip(leaves, flags) if f]
-  k = keep_count(density, sum(s.size for s in chosen))
   if len({s.dtype for s in chosen}) > 1:
     chosen = [s.astype(jnp.float32) for s in chosen]
-  flat = _flat_topk(jnp.concatenate([s.reshape(-1) for s in chosen]), k, ties)
+  flat = jnp.concatenate([s.reshape(-1) for s in chosen])
+  n = flat.shape[0]
+  k = jnp.clip(_as_count(k, 'k'), 0, n)
+  rank = _flat_ranks(flat)
+  keep = rank < k
+  if ties == 'keep':
+    # Every score at least the k-th largest (the entry of rank k - 1); k = n keeps all.
+    kth = flat[jnp.argmax(rank == k - 1)]
+    keep = jnp.where(k >= n, True, (flat >= kth) & (k > 0))
   out, offset = [], 0
   for s, f in zip(leaves, flags):
     if f:
-      n = _size(s)
-      out.append(flat[offset:offset + n].reshape(_shape(s)))
-      offset += n
+      size = _size(s)
+      out.append(keep[offset:offset + size].reshape(_shape(s)))
+      offset += size
     else:
       out.append(jnp.ones(_shape(s), jnp.bool_))
   return jax.tree_util.tree_unflatten(treedef, out)
@@ -578,7 +608,7 @@ def layerwise_topk(scores: Any, prunable: Any, densities: Any, ties: str = 'inde
   Returns:
     A bool mask pytree; non-prunable leaves all True.
   """
-  _check_choice('ties', ties, TIES)
+  check_choice('ties', ties, TIES)
   leaves, flags, treedef = _prunable_flags(scores, prunable)
   ds = _density_tree(densities, treedef)
   out = [topk_mask(s, keep_count(d, _size(s)), ties) if f else jnp.ones(_shape(s), jnp.bool_)
@@ -604,23 +634,32 @@ def random_mask(key: jax.Array, params: Any, prunable: Any, density: float,
   Returns:
     A bool mask pytree; non-prunable leaves all True.
   """
-  _check_choice('scope', scope, SCOPES)
-  _check_choice('allocation', allocation, ALLOCATIONS)
+  check_choice('scope', scope, SCOPES)
+  check_choice('allocation', allocation, ALLOCATIONS)
   if scope == 'global' and allocation != 'uniform':
     raise ValueError(f"allocation={allocation!r} needs scope='layerwise': a global selection has "
                      'no per-layer allocation.')
   _check_density(density)
-  leaves, flags, treedef = _prunable_flags(params, prunable)
-  # Top-k of i.i.d. uniform scores is a uniformly random subset of size k (float ties, resolved
-  # by index, are too rare to bias it measurably). One key per leaf keeps leaves independent.
-  keys = jax.random.split(key, len(leaves))
-  scores = jax.tree_util.tree_unflatten(treedef, [
-      jax.random.uniform(k, _shape(w), jnp.float32) if f else jnp.zeros(_shape(w), jnp.float32)
-      for k, w, f in zip(keys, leaves, flags)])
+  scores = random_scores(key, params, prunable)
   if scope == 'global':
     return global_topk(scores, prunable, density)
   densities = allocate_densities(params, prunable, density, method=allocation)
   return layerwise_topk(scores, prunable, densities)
+
+
+def random_scores(key: jax.Array, params: Any, prunable: Any) -> Any:
+  """I.i.d. uniform float32 scores at the prunable leaves (0 elsewhere), for random masks.
+
+  Top-k of i.i.d. uniform scores is a uniformly random subset of size k (float ties, resolved
+  by index, are too rare to bias it measurably); :func:`random_mask` and any count-based
+  selection (:func:`global_topk_traced`, :func:`layerwise_topk_traced`) of these scores draw
+  the same mask from the same key. One key per leaf keeps the leaves independent.
+  """
+  leaves, flags, treedef = _prunable_flags(params, prunable)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree_util.tree_unflatten(treedef, [
+      jax.random.uniform(k, _shape(w), jnp.float32) if f else jnp.zeros(_shape(w), jnp.float32)
+      for k, w, f in zip(keys, leaves, flags)])
 
 
 # --------------------------------------------------------------------------------------------------

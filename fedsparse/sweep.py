@@ -7,18 +7,23 @@ each with the ``config.json``, ``metrics.jsonl``, TensorBoard events and checkpo
 `fedsparse.train.run` would write, and returns a summary row per member.
 
 One compile for many runs. Members that differ only in their seed and in numbers that enter
-the round as values (`fedsparse.train.TRACEABLE_KEYS`: client and server learning rates,
-momentum, weight decay, lr decay) form one *group*: the group's round is every member's round
-mapped over a member axis by the engine's own mapping strategies (`fedsparse.engine.
-map_clients`), inside ONE jitted function, with each member's own state, keys, data split
-(partitions depend on the seed) and metrics. Swept traceable keys become float32 arrays,
-traced per member; everything else that differs (model, batch size, clients per round, an
-algorithm's density, whose keep counts are static) starts another group and compile. Numbers
-equal a separate run's within float tolerance (the swept values become traced float32
-operands, and a swept momentum or weight decay keeps its optimizer state even at 0, where it is
-exact). Mapped by ``vmap``, a member's convolutions may run in another formulation or order
-than alone (`fedsparse.models.resolve_impl` picks by ``batched_clients``): the same math,
-rounded differently, which training then amplifies as it would any rounding difference.
+the round as values form one *group*: the group's round is every member's round mapped over a
+member axis by the engine's own mapping strategies (`fedsparse.engine.map_clients`), inside
+ONE jitted function, with each member's own state, keys, data split (partitions depend on the
+seed) and metrics. The members are built by the builder of a separate run
+(`fedsparse.experiment`). Traced are the shared `fedsparse.experiment.TRACEABLE_KEYS` (client
+and server learning rates, momentum, weight decay, lr decay), which become float32 arrays, and
+the algorithm's `fedsparse.algorithms.registry.Spec.traceable` hyperparameters (SSFL's and
+FLASH's ``density``, FedDST's and RandomMask's ``sparsity``): each member's exact keep counts
+are computed on the host from its own value (`fedsparse.engine.Algorithm.layout`) and enter
+the round as int32 arrays, so a density sweep is one group and one compile. Everything else
+that differs (model, batch size, clients per round, FLASH's budgets) starts another group and
+compile. Numbers equal a separate run's within float tolerance (the swept values become traced
+float32 operands, and a swept momentum or weight decay keeps its optimizer state even at 0,
+where it is exact; counts are the same integers). Mapped by ``vmap``, a member's convolutions
+may run in another formulation or order than alone (`fedsparse.models.resolve_impl` picks by
+``batched_clients``): the same math, rounded differently, which training then amplifies as it
+would any rounding difference.
 
 Member mapping (``strategy``): ``vmap`` (the default on GPU/TPU) runs the members side by
 side; on the CPU ``auto`` runs them one after another (``sequential``) inside the one compiled
@@ -55,8 +60,8 @@ import numpy as np
 
 from fedsparse import data as data_lib
 from fedsparse import engine
-from fedsparse import models
-from fedsparse import train
+from fedsparse import experiment
+from fedsparse import loop
 from fedsparse import workdir as workdir_lib
 from fedsparse.workdir import UsageError
 
@@ -205,7 +210,7 @@ class _Entry:
   stage: str = 'run'  # where it failed: 'config' (checked again on every run) or 'run'
 
 
-class _GroupProgram(train.Program):
+class _GroupProgram(loop.Program):
   """The rounds of a group of members mapped over a member axis, each jitted once."""
 
   def __init__(self, configs: list[ml_collections.ConfigDict], traced: tuple[str, ...],
@@ -216,19 +221,12 @@ class _GroupProgram(train.Program):
     self.traced = traced
     self.member_mapping = engine.ClientMapping(strategy)
     dataset = data_lib.load_dataset(base.dataset, data_dir=base.get('data_dir') or None)
-    splits = []
-    for c in configs:
-      fd, info = data_lib.make_federated_data(
-          dataset, c.num_clients, c.partition, seed=c.seed, alpha=c.dirichlet_alpha,
-          classes_per_client=c.classes_per_client, shards_per_client=c.shards_per_client)
-      splits.append((fd, info))
+    # Each member's own split, model init and batch cap: the builder of a separate run.
+    splits = [experiment.federated_split(c, dataset) for c in configs]
     self.infos = [info for _, info in splits]
     num_clients = {fd.num_clients for fd, _ in splits}
     if len(num_clients) > 1:
       raise ValueError(f'members keep different numbers of clients ({sorted(num_clients)})')
-    if base.clients_per_round > splits[0][0].num_clients and not base.sample_with_replacement:
-      raise ValueError(f'clients_per_round ({base.clients_per_round}) exceeds the '
-                       f'{splits[0][0].num_clients} clients left after dropping empty ones.')
     # Index arrays padded to the group's widest client: entries past a client's size are never
     # read, and a client's example orders are the same at any padded width.
     wide = max(fd.max_client_size for fd, _ in splits)
@@ -240,41 +238,48 @@ class _GroupProgram(train.Program):
         jnp.stack([pad(fd.client_test_index, wide_test) for fd, _ in splits]),
         jnp.stack([fd.client_test_size for fd, _ in splits]))
     self.data = splits[0][0]  # the images (shared) and member 0's split, replaced per member
-    self.mapping = engine.ClientMapping(base.strategy, chunk_size=base.chunk_size,
-                                        size_groups=base.size_groups)
+    self.mapping = experiment.client_mapping(base)
     if self.member_mapping.resolved() == 'sharded' and self.mapping.resolved() == 'sharded':
       raise ValueError('members and clients cannot both be sharded; use strategy=sequential '
                        'or vmap for the clients of a sharded sweep')
     self.batched = self.mapping.batches_clients or self.member_mapping.batches_clients
-    conv_impl = models.resolve_impl(base.conv_impl, batched_clients=self.batched)
-    self.model = models.get_model(base.model, dataset.num_classes, conv_impl=conv_impl)
-    self.hparams = train.algorithm_hparams(base)
-    # As in `train.build_experiment`: minibatches never exceed the largest client.
-    capped = {min(base.batch_size, int(info.max_size)) for info in self.infos}
+    self.model = experiment.make_model(base, dataset.num_classes, self.batched)
+    self.hparams = [experiment.algorithm_hparams(c) for c in configs]
+    capped = {experiment.batch_cap(c, info) for c, info in zip(configs, self.infos)}
     if len(capped) > 1:
       # A separate run caps its minibatch at its own largest client: members whose caps
       # differ compute different minibatches, so they cannot share a compiled round.
       raise ValueError(f'members cap batch_size at different sizes ({sorted(capped)})')
     (self.batch_size,) = capped
-    dummy = jnp.zeros((1,) + tuple(self.data.input_shape), jnp.float32)
-    init = jax.jit(self.model.init)
-    self.params = _stack([init(jax.random.fold_in(jax.random.key(c.seed), 0), dummy)['params']
-                          for c in configs])
-    self.values = {k: jnp.asarray([c[k] for c in configs], jnp.float32) for k in traced}
-    self.algorithm_keys = _stack([train._algorithm_key(c.seed) for c in configs])  # pylint: disable=protected-access
-    self.round_keys = _stack([jax.random.fold_in(jax.random.key(c.seed), 1) for c in configs])
-    self.eval_keys = _stack([jax.random.fold_in(jax.random.key(c.seed), 3) for c in configs])
+    params = [experiment.init_params(self.model, c, self.data.input_shape) for c in configs]
+    self.params = _stack(params)
+    self.values = {k: jnp.asarray([c[k] for c in configs], jnp.float32)
+                   for k in traced if k in experiment.TRACEABLE_KEYS}
+    if len(traced) > len(self.values):
+      # Traced algorithm hyperparameters (a density): each member's exact counts, computed on
+      # the host from its own values, enter the one compiled round as arrays.
+      layouts = [self.member_algorithm(i).layout(p) for i, p in enumerate(params)]
+      shapes = {str(jax.tree.map(np.shape, lay)) for lay in layouts}
+      if len(shapes) > 1:
+        raise ValueError(f'members\' layouts differ in shape ({sorted(shapes)})')
+      self.values['layout'] = _stack([jax.tree.map(jnp.asarray, lay) for lay in layouts])
+    self.algorithm_keys = _stack([experiment.algorithm_key(c.seed) for c in configs])
+    self.round_keys = _stack([experiment.round_stream(c.seed) for c in configs])
+    self.eval_keys = _stack([experiment.eval_stream(c.seed) for c in configs])
     self.evaluator = engine.make_evaluator(self.model.apply, base.eval_batch_size, jitted=False)
     self._round = self._evaluate = self._init = None
 
   def member_algorithm(self, i: int) -> engine.Algorithm:
     """Member ``i``'s algorithm with its own (concrete) values, for host coding and export."""
-    return train._build_algorithm(self.configs[i], self.hparams, self.model.apply, self.mapping,  # pylint: disable=protected-access
-                                  self.batch_size)
+    return experiment.build_algorithm(self.configs[i], self.hparams[i], self.model.apply,
+                                      self.mapping, self.batch_size)
 
   def _algorithm(self, values: dict[str, jax.Array]) -> engine.Algorithm:
-    return train._build_algorithm(self.configs[0], self.hparams, self.model.apply, self.mapping,  # pylint: disable=protected-access
-                                  self.batch_size, traced=values)
+    values = dict(values)
+    layout = values.pop('layout', None)
+    return experiment.build_algorithm(self.configs[0], self.hparams[0], self.model.apply,
+                                      self.mapping, self.batch_size, traced=values,
+                                      layout=layout)
 
   def _member_data(self, data: data_lib.FederatedData, split: tuple[jax.Array, ...]
                    ) -> data_lib.FederatedData:
@@ -334,14 +339,8 @@ class _GroupProgram(train.Program):
   def _evaluate_all(self, state, shared, values, split, bases):
     def one(shared_, values_, split_, state_, base_):
       data_, t_ = shared_
-      data_ = self._member_data(data_, split_)
-      algorithm = self._algorithm(values_)
-      key = jax.random.fold_in(base_, t_)
-      out = dict(self.evaluator(algorithm.eval_params(state_, key), data_))
-      if algorithm.eval_variants is not None:
-        for name, params in algorithm.eval_variants(state_, key).items():
-          out.update({f'{name}/{k}': v for k, v in self.evaluator(params, data_).items()})
-      return out
+      return experiment.evaluate(self.evaluator, self._algorithm(values_), state_,
+                                 jax.random.fold_in(base_, t_), self._member_data(data_, split_))
     return self._map(one, shared, values, split, state, bases)
 
   def evaluate(self, state, t):
@@ -419,11 +418,8 @@ def run_sweep(base: ml_collections.ConfigDict, members: Sequence[dict[str, Any]]
   if duplicates:
     raise UsageError(f'The sweep lists the same member more than once: {", ".join(duplicates)}.')
   swept = sorted({k for m in members for k in m})
-  # Traced: the swept keys whose values enter the round as numbers. Chosen from the sweep (not
-  # from a group's values), so a member's state has the same structure on every resume.
-  traced = tuple(k for k in train.TRACEABLE_KEYS if k in swept)
   try:
-    train.validate_config(base)
+    experiment.validate_config(base)
   except ValueError as err:
     raise UsageError(f'The sweep\'s base config is invalid: {err}') from None
   for m in members:  # a misspelt key fails the sweep, not each member
@@ -432,7 +428,10 @@ def run_sweep(base: ml_collections.ConfigDict, members: Sequence[dict[str, Any]]
         member_config(base, {key: _get(base, key)})
       except ValueError as err:
         raise UsageError(str(err)) from None
-  train._make_workdir(root)  # pylint: disable=protected-access
+  # Traced: the swept keys whose values enter the round as numbers. Chosen from the sweep (not
+  # from a group's values), so a member's state has the same structure on every resume.
+  traced = experiment.traced_keys(base, swept)
+  workdir_lib.make_workdir(root)
   with workdir_lib.lock(root):
     for e in entries:
       _prepare(e, base, retry_failed)
@@ -483,8 +482,8 @@ def _prepare(e: _Entry, base: ml_collections.ConfigDict, retry_failed: bool) -> 
   e.seconds = status.get('seconds', 0.0)
   try:
     e.config = member_config(base, e.overrides)
-    train.validate_config(e.config)
-    saved = train._saved_config(e.config, train.algorithm_hparams(e.config))  # pylint: disable=protected-access
+    experiment.validate_config(e.config)
+    saved = experiment.saved_config(e.config, experiment.algorithm_hparams(e.config))
   except (ValueError, TypeError) as err:
     # Recomputed on every run (never read back): fixing the base config fixes the member.
     e.status, e.error, e.stage = 'failed', f'{type(err).__name__}: {err}', 'config'
@@ -493,11 +492,11 @@ def _prepare(e: _Entry, base: ml_collections.ConfigDict, retry_failed: bool) -> 
     e.status, e.error = 'failed', status.get('error', '')
     return
   try:
-    train._check_resumable(e.workdir, saved, e.config, log=False)  # pylint: disable=protected-access
+    workdir_lib.check_resumable(e.workdir, saved, e.config, log=False)
   except UsageError as err:
     e.status, e.error = 'unusable', str(err).split('; use a new --workdir')[0]
     return
-  rows = workdir_lib.read_metrics(e.workdir / train.METRICS_FILE)
+  rows = workdir_lib.read_metrics(e.workdir / workdir_lib.METRICS_FILE)
   if (status.get('status') == 'done' and len(rows) == e.config.num_rounds
       and 'test_accuracy' in rows[-1]):
     e.status = 'done'
@@ -523,7 +522,7 @@ def _run_group(group: list[_Entry], traced: tuple[str, ...], strategy: str) -> N
     members = {}
     for i, e in enumerate(group):
       try:
-        train._make_workdir(e.workdir)  # pylint: disable=protected-access
+        workdir_lib.make_workdir(e.workdir)
         stack.enter_context(workdir_lib.lock(e.workdir))
       except UsageError as err:
         # Busy (a run of its own holds it) or unwritable: nothing about the member is wrong,
@@ -531,10 +530,10 @@ def _run_group(group: list[_Entry], traced: tuple[str, ...], strategy: str) -> N
         e.status, e.error = 'failed', f'{type(err).__name__}: {err}'
         continue
       try:
-        saved = train._saved_config(e.config, program.hparams)  # pylint: disable=protected-access
-        start, history = train._check_resumable(e.workdir, saved, e.config)  # pylint: disable=protected-access
-        members[i] = train.Member(e.config, e.workdir, saved, history,
-                                  program.member_algorithm(i))
+        saved = experiment.saved_config(e.config, program.hparams[i])
+        start, history = workdir_lib.check_resumable(e.workdir, saved, e.config)
+        members[i] = loop.Member(e.config, e.workdir, saved, history,
+                                 program.member_algorithm(i))
       except Exception as err:  # pylint: disable=broad-except -- recorded per member
         _fail_all([e], err)
         continue
@@ -547,7 +546,7 @@ def _run_group(group: list[_Entry], traced: tuple[str, ...], strategy: str) -> N
       try:
         sub = program if len(indices) == len(group) else _GroupProgram(
             [group[i].config for i in indices], traced, strategy)
-        train.run_members(sub, [members[i] for i in indices], start)
+        loop.run_members(sub, [members[i] for i in indices], start)
       except Exception as err:  # pylint: disable=broad-except -- recorded per member
         logging.error('Sweep group failed: %s', traceback.format_exc())
         _fail_all([group[i] for i in indices], err)
@@ -582,7 +581,7 @@ def summary_table(entries: Sequence[_Entry]) -> list[dict[str, Any]]:
   """One row per member: its swept values, status, final and best accuracy, bits, error."""
   rows = []
   for e in entries:
-    metrics = workdir_lib.read_metrics(e.workdir / train.METRICS_FILE)
+    metrics = workdir_lib.read_metrics(e.workdir / workdir_lib.METRICS_FILE)
     evaluated = [r['test_accuracy'] for r in metrics if r.get('test_accuracy') is not None]
     last = metrics[-1] if metrics else {}
     row = {'member': e.name, **e.overrides, 'status': e.status, 'rounds': len(metrics),

@@ -1,7 +1,7 @@
 """A run's working directory: one run at a time, and never out of step with what produced it.
 
 A workdir holds ``config.json`` (the resolved config of the run), ``metrics.jsonl`` (one JSON
-line per round) and ``checkpoints/``. The run loop (`fedsparse.train.run`) keeps them
+line per round) and ``checkpoints/``. The run loop (`fedsparse.train.run`, `fedsparse.sweep`) keeps them
 consistent with the helpers here:
 
 * `lock`: an exclusive, non-blocking lock (``fcntl.flock`` on ``.lock``), so a second run on the
@@ -23,17 +23,29 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import socket
 import time
 from typing import Any, Iterator
 
-__all__ = ['EVENTS_GLOB', 'OPERATIONAL_KEYS', 'EventWriter', 'UsageError', 'WorkdirBusy',
-           'config_differences', 'flatten', 'json_row', 'lock', 'read_metrics', 'write_atomic']
+from absl import logging
+import ml_collections
+
+from fedsparse.algorithms import registry
+
+__all__ = ['CHECKPOINT_DIR', 'CONFIG_FILE', 'EVENTS_GLOB', 'METRICS_FILE', 'MODEL_FILE',
+           'OPERATIONAL_KEYS', 'EventWriter', 'UsageError', 'WorkdirBusy', 'check_resumable',
+           'checkpoint_manager', 'checkpoint_steps', 'clear', 'config_differences', 'flatten',
+           'json_row', 'lock', 'make_workdir', 'read_metrics', 'write_atomic']
 
 # Keys that may differ between a workdir's config.json and a resumed run's config.
 OPERATIONAL_KEYS = frozenset({'num_rounds', 'eval_every', 'eval_batch_size',
                               'checkpoint_every', 'data_dir', 'tensorboard'})
 LOCK_FILE = '.lock'
+METRICS_FILE = 'metrics.jsonl'
+CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
+MODEL_FILE = 'model.npz'  # the algorithm's compact export of the final model, if it has one
 EVENTS_GLOB = 'events.out.tfevents.*'  # TensorBoard event files (`EventWriter`)
 
 
@@ -195,3 +207,116 @@ class EventWriter:
 
   def __exit__(self, *exc: Any) -> None:
     self.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Starting and resuming.
+
+
+def make_workdir(workdir: pathlib.Path) -> bool:
+  """Creates ``workdir`` if needed (returns whether it did) and checks that it is writable."""
+  if workdir.exists() and not workdir.is_dir():
+    raise UsageError(f'--workdir {str(workdir)!r} is a file, not a directory; pass a directory '
+                     '(it is created if missing).')
+  created = not workdir.exists()
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    probe = workdir / '.write_test'
+    probe.write_text('')
+    probe.unlink()
+  except OSError as e:
+    raise UsageError(f'Cannot use workdir {str(workdir)!r}: {e.strerror or e}; pass a '
+                     '--workdir in a writable location.') from None
+  return created
+
+
+def clear(workdir: pathlib.Path) -> None:
+  """Removes what a run writes into ``workdir`` (and nothing else)."""
+  for name in (METRICS_FILE, CONFIG_FILE, MODEL_FILE, MODEL_FILE + '.tmp'):
+    (workdir / name).unlink(missing_ok=True)
+  for events in workdir.glob(EVENTS_GLOB):
+    events.unlink()
+  shutil.rmtree(workdir / CHECKPOINT_DIR, ignore_errors=True)
+
+
+def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+  """The rounds after which ``workdir`` holds a checkpoint, ascending."""
+  folder = workdir / CHECKPOINT_DIR
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _resolved_hint(prior: dict[str, Any], saved: dict[str, Any],
+                   config: ml_collections.ConfigDict) -> str:
+  """Where an algorithm resolved defaults from shared keys (e.g. FedDST's ``readjust_end`` from
+  ``num_rounds``), how to keep the recorded values while changing those keys."""
+  spec = registry.get(config.algorithm)
+  old, new = prior.get(config.algorithm), saved.get(config.algorithm)
+  if spec.resolve is None or not isinstance(old, dict) or not isinstance(new, dict):
+    return ''
+  keep = [f'--config.{config.algorithm}.{k}={v!r}' for k, v in sorted(old.items())
+          if k in new and new[k] != v]
+  if not keep:
+    return ''
+  return (f' (the run resolved some {config.algorithm} defaults from keys such as num_rounds; '
+          f'to continue it, pass its recorded values: {" ".join(keep)})')
+
+
+def check_resumable(workdir: pathlib.Path, saved: dict[str, Any],
+                    config: ml_collections.ConfigDict, *, log: bool = True
+                    ) -> tuple[int, list[dict[str, Any]]]:
+  """Decides where a run in ``workdir`` starts: (checkpointed round to restore, metric rows).
+
+  Raises:
+    UsageError: when the workdir was produced by a different results-determining config,
+      ``num_rounds`` is below the rounds already run, or the checkpoint and the metrics
+      disagree -- before anything in the workdir changes.
+  """
+  way_out = ('use a new --workdir, or pass --overwrite (overwrite=True in train.run) to '
+             'delete its metrics and checkpoints and start over')
+  config_path, metrics_path = workdir / CONFIG_FILE, workdir / METRICS_FILE
+  steps = checkpoint_steps(workdir)
+  if not config_path.exists():
+    if metrics_path.exists() or steps:
+      raise UsageError(f'Workdir {str(workdir)!r} holds metrics or checkpoints but no '
+                       f'{CONFIG_FILE}, so what produced them is unknown; {way_out}.')
+    return 0, []
+  rows = read_metrics(metrics_path)
+  if not steps and not (metrics_path.exists() and metrics_path.read_text().strip()):
+    return 0, []  # nothing ran (e.g. the last attempt failed to compile): a fresh start
+  try:
+    prior = json.loads(config_path.read_text())
+  except json.JSONDecodeError as e:
+    raise UsageError(f'{config_path} is not valid JSON ({e}); {way_out}.') from None
+  diffs = config_differences(prior, saved)
+  if diffs:
+    raise UsageError(
+        f'Workdir {str(workdir)!r} holds a run with a different config ({"; ".join(diffs)}). '
+        f'Only {", ".join(sorted(OPERATIONAL_KEYS))} may change when resuming'
+        f'{_resolved_hint(prior, saved, config)}; {way_out}.')
+  if config.num_rounds < len(rows):
+    raise UsageError(
+        f'num_rounds={config.num_rounds} is below the {len(rows)} rounds this workdir already '
+        f'holds; num_rounds may only grow when resuming ({way_out}).')
+  start = steps[-1] if steps else 0
+  if start > len(rows):
+    raise UsageError(
+        f'The checkpoint after round {start} in {str(workdir)!r} has metrics for only '
+        f'{len(rows)} rounds, so the totals it continues from cannot be checked; {way_out}.')
+  if not start and rows and log:
+    logging.info('No checkpoint in the workdir: running from round 1 again (the %d rounds '
+                 'there are recomputed to the same numbers).', len(rows))
+  return start, rows[:start]
+
+
+def checkpoint_manager(workdir: pathlib.Path, every: int):
+  """An orbax manager of ``workdir/checkpoints`` keeping the latest save."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  (slow import; optional)
+  # Saves are requested explicitly (every `checkpoint_every` rounds and after the last round).
+  # In a multi-process job every process creates the manager on the same (shared, absolute)
+  # path and takes part in every save and restore: orbax writes each array once, from the
+  # process that owns it, and synchronises the processes itself.
+  options = ocp.CheckpointManagerOptions(max_to_keep=1, save_interval_steps=max(every, 1),
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)

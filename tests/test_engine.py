@@ -7,6 +7,7 @@ import optax
 import pytest
 
 from fedsparse import engine
+from fedsparse.data import normalize
 from tests.toy import STRATEGY_MAPPINGS, tiny_federated
 
 # ---------------------------------------------------------------- client mapping
@@ -115,14 +116,6 @@ def test_client_optimizer_matches_pytorch_sgd_order():
   np.testing.assert_allclose(u2['w'], -0.2 * (0.5 * g1 + g2), rtol=1e-6)
 
 
-def test_cross_entropy_ignores_padding():
-  logits = jnp.array([[2.0, 0.0], [0.0, 2.0], [100.0, -100.0]], jnp.float32)
-  labels = jnp.array([0, 0, 1], jnp.int32)
-  mask = jnp.array([True, True, False])
-  expected = (np.log1p(np.exp(-2.0)) + np.log1p(np.exp(2.0))) / 2
-  np.testing.assert_allclose(engine.cross_entropy(logits, labels, mask), expected, rtol=1e-6)
-
-
 # ---------------------------------------------------------------- sampling, aggregation
 
 
@@ -170,6 +163,24 @@ def test_evaluator_pooled_and_client_accuracy_by_hand():
   per_client = [np.mean(y_test[idx[k, :size[k]]] == 0) for k in range(4)]
   np.testing.assert_allclose(out['client_accuracy_mean'], np.mean(per_client), rtol=1e-6)
   np.testing.assert_allclose(out['test_loss'], np.log(3.0), rtol=1e-5)  # all logits tie
+
+
+@pytest.mark.parametrize('batch_size', [7, 30, 1, 8])
+def test_evaluator_loss_and_accuracy_count_each_test_example_once(batch_size):
+  """Untied logits whose loss differs per example: padded slots (30 = 4·7 + 2) must not count."""
+  fd = tiny_federated(num_clients=4, method='iid')
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(16, 3)).astype(np.float32)
+  out = engine.make_evaluator(_linear_apply, batch_size=batch_size)({'w': jnp.asarray(w)}, fd)
+  x = np.asarray(normalize(fd.x_test, fd.scale, fd.mean, fd.std)).reshape(len(fd.y_test), -1)
+  logits = x.astype(np.float64) @ w
+  y = np.asarray(fd.y_test)
+  log_probs = logits - np.log(np.sum(np.exp(logits), axis=1, keepdims=True))
+  losses = -log_probs[np.arange(len(y)), y]
+  assert np.std(losses) > 0.1 and losses[-1] != pytest.approx(np.mean(losses), rel=1e-2)
+  np.testing.assert_allclose(out['test_loss'], np.mean(losses), rtol=1e-5)
+  np.testing.assert_allclose(out['test_accuracy'], np.mean(np.argmax(logits, 1) == y),
+                             rtol=1e-6)
 
 
 def test_compiler_options_per_backend():

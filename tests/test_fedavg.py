@@ -128,7 +128,8 @@ def test_every_algorithm_trains_the_same_cohorts():
   local = engine.LocalConfig(batch_size=4, local_steps=2)
   common = dict(cohort=engine.CohortConfig(3), local=local, learning_rate=0.1)
   runs = [algorithms.fedavg(linear_apply, **common),
-          algorithms.fedavgm(linear_apply, **common),
+          algorithms.fedavg(linear_apply, server_optimizer=optax.sgd(1.0, momentum=0.9),
+                            **common),
           algorithms.ssfl(linear_apply, density=0.5, prunable=lambda path, leaf: path[-1] == 'w',
                           **common)]
   cohorts = []
@@ -217,8 +218,8 @@ def test_fedavgm_applies_server_momentum():
   kwargs = dict(cohort=engine.CohortConfig(3), local=engine.LocalConfig(batch_size=4),
                 learning_rate=0.1, mapping=engine.ClientMapping('vmap'))
   plain = algorithms.fedavg(linear_apply, **kwargs)
-  momentum = algorithms.fedavgm(linear_apply, server_learning_rate=1.0, server_momentum=0.5,
-                                **kwargs)
+  momentum = algorithms.fedavg(linear_apply, server_optimizer=optax.sgd(1.0, momentum=0.5),
+                               **kwargs)
   p0 = init_params()
   s_plain = plain.init(jax.random.key(0), p0)
   s_mom = momentum.init(jax.random.key(0), p0)
@@ -241,8 +242,6 @@ def test_bad_hyperparameters_fail_fast():
   kwargs = dict(cohort=engine.CohortConfig(3), local=engine.LocalConfig())
   with pytest.raises(ValueError, match='learning_rate'):
     algorithms.fedavg(linear_apply, learning_rate=0.0, **kwargs)
-  with pytest.raises(ValueError, match='server_momentum'):
-    algorithms.fedavgm(linear_apply, learning_rate=0.1, server_momentum=1.0, **kwargs)
   with pytest.raises(ValueError, match='clients_per_round'):
     engine.CohortConfig(0)
 

@@ -13,6 +13,7 @@ import pytest
 from fedsparse import comm
 from fedsparse import engine
 from fedsparse import train
+from fedsparse import workdir
 from tests.test_ssfl import init_params, mlp_apply
 from tests.test_train import load_config, run_full_and_resumed
 from tests.toy import tiny_federated
@@ -181,12 +182,13 @@ def test_round_matches_a_hand_written_client_and_server():
   np.testing.assert_array_equal(m['bits_down'], [32 * P] * 2)
 
 
+@pytest.mark.parametrize('prior', [1.0, 3.0])
 @pytest.mark.parametrize('prior_reset, round_, accumulates', [
     ('every_round', 3, False), ('periodic', 14, False), ('periodic', 16, True),
     ('periodic', 20, False)])
-def test_the_round_resets_the_prior_or_accumulates(prior_reset, round_, accumulates):
+def test_the_round_resets_the_prior_or_accumulates(prior_reset, round_, accumulates, prior):
   fd = tiny_federated(num_clients=4)
-  alg = make_fedpm(clients_per_round=2, prior_reset=prior_reset, smoothing=0.1)
+  alg = make_fedpm(clients_per_round=2, prior_reset=prior_reset, smoothing=0.1, prior=prior)
   state = alg.init(jax.random.key(0), init_params(), fd)
   # A posterior that has already seen samples: α = 3.5, β = 1.5 everywhere.
   state = state._replace(alpha=jax.tree.map(lambda a: a + 2.5, state.alpha),
@@ -194,8 +196,9 @@ def test_the_round_resets_the_prior_or_accumulates(prior_reset, round_, accumula
                          round=jnp.int32(round_))
   new, m = jax.jit(alg.round)(state, fd, jax.random.key(1))
   ones = np.sum(np.where(np.asarray(m['payload_masks']), 0.9, 0.1), axis=0)
-  a, b = (3.5, 1.5) if accumulates else (1.0, 1.0)
-  theta = (a + ones - 1) / (a + b + 2 - 2)
+  # A reset starts from the configured prior λ0 (α = β = λ0), whatever the state held.
+  a, b = (prior + 2.5, prior + 0.5) if accumulates else (prior, prior)
+  theta = (a + ones - 1) / (a + b + 2 - 2)  # K = 2 clients
   got = np.concatenate([np.asarray(x).reshape(-1) for x in jax.tree.leaves(new.scores)])
   np.testing.assert_allclose(got, np.log(theta / (1 - theta)), rtol=1e-5, atol=1e-5)
   got_alpha = np.concatenate([np.asarray(x).reshape(-1) for x in jax.tree.leaves(new.alpha)])
@@ -252,7 +255,7 @@ def test_counts_downlink_is_the_coded_counts_that_rebuild_the_scores():
   got = np.concatenate([np.asarray(x).reshape(-1) for x in jax.tree.leaves(state1.scores)])
   np.testing.assert_allclose(got, np.log(theta / (1 - theta)), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="prior_reset='every_round'"):
-    fedpm_lib.FedPMConfig(downlink='counts', prior_reset='periodic')
+    fedpm_lib.FedPMHparams(downlink='counts', prior_reset='periodic')
 
 
 def test_no_retrace_and_same_key_same_numbers_and_client_keys_differ():
@@ -381,7 +384,7 @@ def test_run_logs_coded_uplink_beside_its_estimate_and_resumes(tmp_path):
   loaded = fedpm_lib.load_model(tmp_path / 'resumed' / train.MODEL_FILE, exp.params)
   assert float(jax.device_get(exp.evaluate(loaded, exp.data))['test_accuracy']) == (
       full[-1]['test_accuracy'])
-  train._clear(tmp_path / 'resumed')
+  workdir.clear(tmp_path / 'resumed')
   assert not (tmp_path / 'resumed' / train.MODEL_FILE).exists()
 
 
@@ -409,7 +412,7 @@ def test_kept_adam_states_and_accumulated_posteriors_resume_exactly(tmp_path):
 ])
 def test_bad_hyperparameters_fail_fast(kwargs, message):
   with pytest.raises(ValueError, match=message):
-    fedpm_lib.FedPMConfig(**kwargs)
+    fedpm_lib.FedPMHparams(**kwargs)
 
 
 @pytest.mark.parametrize('key, value, message', [

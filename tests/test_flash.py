@@ -16,6 +16,7 @@ import pytest
 from fedsparse import algorithms
 from fedsparse import comm
 from fedsparse import engine
+from fedsparse import experiment
 from fedsparse import masks
 from fedsparse import train
 from tests.test_ssfl import init_params, mlp_apply
@@ -91,9 +92,9 @@ def test_hunted_counts_rescale_with_the_cap_by_hand():
   # Mean counts 9, 12, 4 (sum 25) rescaled to K = 0.2 * 150 = 30: ratio 1.2 gives 10.8, 14.4,
   # 4.8; the first layer is capped at its 10 entries and the 20 left go 12 : 4 = 15 and 5.
   counts = jnp.array([[8, 10, 6], [10, 14, 2]])
-  assert flash_lib.hunted_counts(counts, [10, 100, 40], 0.2).tolist() == [10, 15, 5]
+  assert flash_lib.hunted_counts(counts, [10, 100, 40], 30).tolist() == [10, 15, 5]
   # Without a cap: 2 : 6 : 2 of K = 15 (densities 0.1 of 150).
-  assert flash_lib.hunted_counts(jnp.array([[2, 6, 2]]), [10, 100, 40], 0.1).tolist() == [
+  assert flash_lib.hunted_counts(jnp.array([[2, 6, 2]]), [10, 100, 40], 15).tolist() == [
       3, 9, 3]
 
 
@@ -266,7 +267,7 @@ def test_stage1_draws_a_random_mask_of_exactly_the_hunted_counts(mode):
   # layers' shares moved.
   np.testing.assert_array_equal(counts.sum(axis=1), [38, 38, 38])
   assert np.any(counts[:, 0] != 32)
-  expected = flash_lib.hunted_counts(counts, SIZES, 0.25).tolist()
+  expected = flash_lib.hunted_counts(counts, SIZES, masks.keep_count(0.25, sum(SIZES))).tolist()
   assert sum(expected) == masks.keep_count(0.25, 152)
   assert layer_counts(state.mask) == expected
   # The model restarts from w0 under the new mask; every client must download that mask.
@@ -425,7 +426,8 @@ def test_jmwst_round_matches_a_hand_written_loop(local_epochs, aggregation, mome
     w = sizes[clients].astype(np.float32)
     averaged = masks.masked_weighted_mean(client_params, stack([o[1] for o in outs]),
                                           jnp.asarray(w / w.sum()))
-  counts = flash_lib.hunted_counts(client_counts, SIZES, 0.25).tolist()
+  counts = flash_lib.hunted_counts(client_counts, SIZES,
+                                  masks.keep_count(0.25, sum(SIZES))).tolist()
   assert layer_counts(new_state.mask) == counts
   for name, k in zip(('hidden', 'out'), counts):
     np.testing.assert_array_equal(new_state.mask[name]['kernel'],
@@ -607,7 +609,7 @@ def test_run_bits_budgets_and_resume(tmp_path):
   config.num_rounds, config.checkpoint_every, config.eval_every = 4, 1, 2
   full = run_full_and_resumed(config, tmp_path)
   exp = train.build_experiment(config)
-  state = exp.algorithm.init(train._algorithm_key(config.seed), exp.params, exp.data)
+  state = exp.algorithm.init(experiment.algorithm_key(config.seed), exp.params, exp.data)
   prunable = masks.prunable_leaves(exp.params)
   sizes = [w.size for w, f in zip(jax.tree.leaves(exp.params), jax.tree.leaves(prunable)) if f]
   hunt = sum(comm.counted_mask_bits(sizes, c) for c in np.asarray(state.hunt_counts))
@@ -621,7 +623,7 @@ def test_run_bits_budgets_and_resume(tmp_path):
   budgets = np.asarray(state.client_budget)
   for t, row in enumerate(full):
     old = state
-    state, m = round_fn(state, exp.data, train._round_key(config.seed, t))
+    state, m = round_fn(state, exp.data, experiment.round_key(config.seed, t))
     assert row['train_loss'] == pytest.approx(float(m['train_loss']), rel=1e-6)  # the same run
     clients = np.asarray(m['clients']).tolist()
     up, down = np.asarray(m['payload_up_counts']), np.asarray(m['payload_down_counts'])
@@ -657,7 +659,7 @@ def test_run_bits_are_exact(tmp_path, mode):
   config.num_rounds, config.checkpoint_every = 3, 1
   train.run(config, tmp_path / 'run')
   exp = train.build_experiment(config)
-  state = exp.algorithm.init(train._algorithm_key(config.seed), exp.params, exp.data)
+  state = exp.algorithm.init(experiment.algorithm_key(config.seed), exp.params, exp.data)
   prunable = masks.prunable_leaves(exp.params, lambda path, leaf: masks.default_prunable(
       path, leaf) and path[0] != 'Dense_1')
   leaves, flags = jax.tree.leaves(exp.params), jax.tree.leaves(prunable)
@@ -672,7 +674,7 @@ def test_run_bits_are_exact(tmp_path, mode):
   seen = set()
   cohort = engine.CohortConfig(config.clients_per_round, config.sample_with_replacement)
   for t, row in enumerate(read_rows(tmp_path / 'run')):
-    clients = np.asarray(engine.draw_cohort(train._round_key(config.seed, t),
+    clients = np.asarray(engine.draw_cohort(experiment.round_key(config.seed, t),
                                             exp.data.num_clients, cohort).clients).tolist()
     new = len(set(clients) - seen) if mode == 'spdst' else 0
     seen |= set(clients)
@@ -704,7 +706,7 @@ def test_run_bits_are_exact(tmp_path, mode):
 ])
 def test_bad_hyperparameters_fail_fast(kwargs, message):
   with pytest.raises(ValueError, match=message):
-    algorithms.FLASHConfig(**kwargs)
+    algorithms.FLASHHparams(**kwargs)
 
 
 def test_bad_setups_fail_fast(tmp_path):

@@ -245,6 +245,54 @@ def test_global_topk_exact_positions():
   np.testing.assert_array_equal(m['b']['kernel'], [[True, False], [False, True]])
 
 
+@pytest.mark.parametrize('ties', masks.TIES)
+def test_global_topk_traced_one_compile_for_every_count(ties):
+  """A traced k: one compilation, exactly the static selection at every k (ties included)."""
+  _, prunable = two_kernels()
+  rng = np.random.default_rng(0)
+  # Scores drawn from {0, 1, 2}: many ties, across and within leaves.
+  scores = {'a': {'kernel': jnp.asarray(rng.integers(0, 3, (1, 3)), jnp.float32)},
+            'b': {'kernel': jnp.asarray(rng.integers(0, 3, (2, 2)), jnp.float32),
+                  'bias': jnp.array([9.0, -9.0])}}
+  traces = []
+
+  @jax.jit
+  def select(s, k):
+    traces.append(k)
+    return masks.global_topk_traced(s, prunable, k, ties)
+  for k in range(8):
+    got = select(scores, jnp.int32(k))
+    flat = jnp.concatenate([scores['a']['kernel'].ravel(), scores['b']['kernel'].ravel()])
+    want = masks.topk_mask(flat, k, ties)
+    np.testing.assert_array_equal(
+        jnp.concatenate([got['a']['kernel'].ravel(), got['b']['kernel'].ravel()]), want, str(k))
+    np.testing.assert_array_equal(got['b']['bias'], [True, True])
+    if ties == 'index':
+      assert int(masks.count(got, prunable)) == k
+  assert len(traces) == 1
+  # k = 0 keeps nothing and k >= P everything, under either rule.
+  assert int(masks.count(select(scores, jnp.int32(0)), prunable)) == 0
+  assert int(masks.count(select(scores, jnp.int32(99)), prunable)) == 7
+
+
+def test_random_scores_draw_random_masks_of_any_count():
+  params = small_cnn()
+  prunable = masks.prunable_leaves(params)
+  key = jax.random.key(3)
+  scores = masks.random_scores(key, params, prunable)
+  # The same key gives random_mask's mask, whether its counts are static or traced.
+  counts = masks.layer_counts(params, prunable, 0.3)
+  np.testing.assert_equal(
+      jax.tree.map(np.asarray, masks.layerwise_topk_traced(scores, prunable, counts)),
+      jax.tree.map(np.asarray, masks.random_mask(key, params, prunable, 0.3, 'layerwise')))
+  k = masks.keep_count(0.3, masks.num_prunable(params, prunable))
+  np.testing.assert_equal(
+      jax.tree.map(np.asarray, masks.global_topk_traced(scores, prunable, jnp.int32(k))),
+      jax.tree.map(np.asarray, masks.random_mask(key, params, prunable, 0.3, 'global')))
+  assert all(float(jnp.max(s)) == 0.0 for s, f in zip(jax.tree.leaves(scores),
+                                                        jax.tree.leaves(prunable)) if not f)
+
+
 def test_global_topk_mixed_dtypes():
   params, prunable = two_kernels()
   params['a']['kernel'] = params['a']['kernel'].astype(jnp.bfloat16)

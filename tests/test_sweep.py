@@ -15,6 +15,7 @@ import pytest
 from experiments import sweep as sweep_cli
 from experiments.configs import base as base_configs
 from fedsparse import algorithms
+from fedsparse import loop
 from fedsparse import sweep
 from fedsparse import train
 
@@ -52,6 +53,24 @@ def assert_rows_close(got: list[dict], want: list[dict], rtol: float) -> None:
         assert g[k] == pytest.approx(w[k], rel=rtol, abs=rtol), (k, g['round'])
       else:
         assert g[k] == w[k], k
+
+
+def assert_members_equal_separate_runs(base, members, sweep_dir: pathlib.Path,
+                                       runs_dir: pathlib.Path, rtol: float,
+                                       metric: str = 'train_loss') -> set:
+  """Runs each member alone with `train.run`; its rows must equal the sweep's within ``rtol``.
+
+  Returns:
+    The members' final ``metric`` values (to check that the members really differ).
+  """
+  finals = set()
+  for m in members:
+    name = sweep.member_name(m)
+    train.run(sweep.member_config(base, m), runs_dir / name)
+    want = rows_of(runs_dir / name)
+    assert_rows_close(rows_of(sweep_dir / name), want, rtol)
+    finals.add(want[-1][metric])
+  return finals
 
 
 def count_compiles(monkeypatch) -> list[int]:
@@ -103,14 +122,68 @@ def test_every_traceable_key_is_traced_per_member(strategy, tmp_path, monkeypatc
       sweep.sweep('server_momentum', [0.0, 0.9, 0.5]))
   rows = sweep.run_sweep(base, members, tmp_path / 'sweep', strategy=strategy)
   assert [r['status'] for r in rows] == ['done'] * 3 and compiles == [3]
-  losses = set()
-  for m in members:
-    name = sweep.member_name(m)
-    train.run(sweep.member_config(base, m), tmp_path / name)
-    want = rows_of(tmp_path / name)
-    assert_rows_close(rows_of(tmp_path / 'sweep' / name), want, 1e-4)
-    losses.add(want[-1]['train_loss'])
+  losses = assert_members_equal_separate_runs(base, members, tmp_path / 'sweep', tmp_path, 1e-4)
   assert len(losses) == 3  # the members really differ (the same seed twice, too)
+
+
+# Each algorithm's traceable hyperparameter (registry Spec.traceable), two values, plus settings
+# that exercise every count the layout carries.
+DENSITY_SWEEPS = {
+    'ssfl': ('ssfl.density', [0.3, 0.1], {}),
+    'ssfl_keep_ties': ('ssfl.density', [0.3, 0.1], {'ties': 'keep', 'warmup_rounds': 1}),
+    'ssfl_layerwise': ('ssfl.density', [0.3, 0.1],
+                       {'mask': 'random_layerwise', 'layerwise_allocation': 'erk'}),
+    'feddst': ('feddst.sparsity', [0.7, 0.9], {'readjust_every': 1, 'readjust_end': 3}),
+    'random_mask': ('random_mask.sparsity', [0.5, 0.8], {}),
+    'flash': ('flash.density', [0.3, 0.15], {'mode': 'jmwst', 'hunt_epochs': 1}),
+}
+
+
+@pytest.mark.parametrize('case', sorted(DENSITY_SWEEPS))
+def test_a_density_sweep_is_one_group_of_exact_members(case, tmp_path, monkeypatch):
+  """Members of different densities share one compile and equal their separate runs."""
+  compiles = count_compiles(monkeypatch)
+  key, values, extra = DENSITY_SWEEPS[case]
+  algorithm = key.split('.')[0]
+  base = digits(rounds=4, algorithm=algorithm)
+  for name, value in extra.items():
+    base[algorithm][name] = value
+  members = sweep.zipit(sweep.sweep('seed', [0, 1]), sweep.sweep(key, values))
+  rows = sweep.run_sweep(base, members, tmp_path / 'sweep', strategy='sequential')
+  assert [r['status'] for r in rows] == ['done', 'done'], rows
+  assert compiles == [2]
+  densities = assert_members_equal_separate_runs(base, members, tmp_path / 'sweep', tmp_path,
+                                                 1e-5, 'density')
+  assert len(densities) == 2  # the members really kept different counts
+
+
+def test_the_ssfl_density_sweep_compiles_once_for_its_12_members(tmp_path, monkeypatch,
+                                                                  caplog):
+  """experiments/sweeps/ssfl_density.py on mnist_ssfl:smoke: one group, one compile, and each
+  member's rows (two checked: other densities and seeds) equal its separate run's."""
+  compiles = count_compiles(monkeypatch)
+  base = test_train.load_config('mnist_ssfl')
+  base.dataset = test_train.smoke_dataset(base, tmp_path)
+  members = sweep_cli.load_sweep(str(ROOT / 'experiments' / 'sweeps' / 'ssfl_density.py'))
+  assert len(members) == 12
+  caplog.set_level('INFO')
+  rows = sweep.run_sweep(base, members, tmp_path / 'sweep', strategy='sequential')
+  assert [r['status'] for r in rows] == ['done'] * 12
+  assert compiles == [12]
+  assert 'Sweep: 12 members, 12 to run in 1 group(s)' in caplog.text
+  assert 'Round compiled' in caplog.text and 'for 12 runs' in caplog.text
+  # Two of them alone: density 0.05 seed 2, density 0.5 seed 1.
+  assert_members_equal_separate_runs(base, [members[2], members[10]], tmp_path / 'sweep',
+                                     tmp_path, 1e-5)
+  assert len({r['final_train_loss'] for r in rows}) == 12
+
+
+def test_members_whose_density_keeps_no_weight_fail_alone(tmp_path):
+  base = digits(rounds=2, algorithm='ssfl')
+  members = sweep.sweep('ssfl.density', [0.3, 1e-7])
+  rows = sweep.run_sweep(base, members, tmp_path, strategy='sequential')
+  assert [r['status'] for r in rows] == ['done', 'failed']
+  assert 'keeps no weight' in rows[1]['error']
 
 
 def test_static_differences_make_groups(tmp_path, monkeypatch):
@@ -165,8 +238,8 @@ def test_rerunning_keeps_finished_and_failed_members_unless_asked(tmp_path, monk
   members = [{'learning_rate': 0.05}, {'learning_rate': 1e8}]
   sweep.run_sweep(base, members, tmp_path, strategy='sequential')
   runs = []
-  original = train.run_members
-  monkeypatch.setattr(train, 'run_members', lambda p, ms, s: (runs.append(len(ms)),
+  original = loop.run_members
+  monkeypatch.setattr(loop, 'run_members', lambda p, ms, s: (runs.append(len(ms)),
                                                               original(p, ms, s)))
   rows = sweep.run_sweep(base, members, tmp_path, strategy='sequential')
   assert runs == [] and [r['status'] for r in rows] == ['done', 'failed']

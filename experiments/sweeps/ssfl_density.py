@@ -6,8 +6,9 @@ Command (MNIST offline from ``../shared/data/mnist.npz``)::
       --config.dataset=npz:../shared/data/mnist.npz \\
       --sweep=experiments/sweeps/ssfl_density.py --workdir=/tmp/ssfl_density
 
-Densities set static keep counts (top-k sizes), so each density is its own group and compile;
-its three seeds share that compile. ``--sweep=...:2`` takes 2 seeds instead of 3.
+The density is traced: each member's exact keep count enters the round as an array, so all 12
+members share one group and one compile (the log says ``1 group(s)`` and ``Round compiled ...
+for 12 runs``). ``--sweep=...:2`` takes 2 seeds instead of 3.
 """
 
 from fedsparse import sweep

@@ -40,8 +40,8 @@ from fedsparse.engine import (Algorithm, Broadcast, ClientMapping, CohortConfig,
                               aggregation_weights, draw_cohort, run_clients, sgd_client,
                               weighted_mean)
 
-__all__ = ['FedAvgConfig', 'FedAvgMConfig', 'FedAvgState', 'RoundCore', 'client_learning_rate',
-           'fedavg', 'fedavg_round_core', 'fedavgm']
+__all__ = ['FedAvgHparams', 'FedAvgMHparams', 'FedAvgState', 'RoundCore', 'client_learning_rate',
+           'fedavg', 'fedavg_round_core']
 
 
 class FedAvgState(NamedTuple):
@@ -140,38 +140,23 @@ def fedavg(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
   return Algorithm(init=init, round=round_fn, eval_params=lambda state, key: state.params)
 
 
-def fedavgm(apply_fn: Callable[..., jax.Array], *, server_learning_rate: float = 1.0,
-            server_momentum: float = 0.9, **kwargs: Any) -> Algorithm:
-  """FedAvgM (Hsu et al., 2019): FedAvg with server SGD with momentum on −Δ̄.
-
-  Args:
-    apply_fn: the flax ``Module.apply`` of the model.
-    server_learning_rate: server step size.
-    server_momentum: server momentum β (0.9 in the paper's sweeps).
-    **kwargs: forwarded to :func:`fedavg`.
-  """
-  if server_learning_rate <= 0:
-    raise ValueError(f'server_learning_rate must be positive, got {server_learning_rate}.')
-  if not 0 <= server_momentum < 1:
-    raise ValueError(f'server_momentum must be in [0, 1), got {server_momentum}.')
-  return fedavg(apply_fn, server_optimizer=optax.sgd(server_learning_rate,
-                                                     momentum=server_momentum), **kwargs)
-
-
 @dataclasses.dataclass(frozen=True)
-class FedAvgConfig:
+class FedAvgHparams:
   """FedAvg has no hyperparameters of its own: its server optimizer is the shared one."""
 
 
 @dataclasses.dataclass(frozen=True)
-class FedAvgMConfig:
-  """FedAvgM has no hyperparameters of its own: ``server_optimizer='auto'`` means momentum."""
+class FedAvgMHparams:
+  """FedAvgM has no hyperparameters of its own: ``server_optimizer='auto'`` means momentum.
+
+  From Python, FedAvgM is `fedavg` with ``server_optimizer=optax.sgd(lr, momentum=β)``.
+  """
 
 
 registry.register(registry.Spec(
-    name='fedavg', hparams=FedAvgConfig, summary='FedAvg (McMahan et al., 2017), dense',
+    name='fedavg', hparams=FedAvgHparams, summary='FedAvg (McMahan et al., 2017), dense',
     build=lambda hp, common: fedavg(common.apply_fn, **common.kwargs())))
 registry.register(registry.Spec(
-    name='fedavgm', hparams=FedAvgMConfig, server_momentum=True,
+    name='fedavgm', hparams=FedAvgMHparams, server_momentum=True,
     summary='FedAvgM (Hsu et al., 2019): FedAvg with server momentum, dense',
     build=lambda hp, common: fedavg(common.apply_fn, **common.kwargs())))

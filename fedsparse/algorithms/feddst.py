@@ -70,7 +70,7 @@ changes results:
   readjustment needs per-round aggregated gradients and measured per-layer compute times, more
   than the few lines that would make it a fair baseline here.
 
-Config: ``algorithm='feddst'`` with the section ``config.feddst`` holding :class:`FedDSTConfig`'s
+Config: ``algorithm='feddst'`` with the section ``config.feddst`` holding :class:`FedDSTHparams`'s
 fields, e.g. ``--config.feddst.sparsity=0.8``; ``algorithm='random_mask'`` for the RandomMask
 baseline (section ``config.random_mask``). FedDST averages weights, not deltas: the server
 optimizer must stay plain averaging.
@@ -115,9 +115,9 @@ from fedsparse.engine import (ENFORCEMENTS, Algorithm, ClientMapping, ClientProg
                               enforcement_transform, run_clients, steps_per_epoch,
                               supervised_loss)
 
-__all__ = ['INITIAL_MASKS', 'FedDSTBroadcast', 'FedDSTCarry', 'FedDSTConfig', 'FedDSTState',
-           'RandomMaskConfig', 'alpha_schedule', 'client_readjust', 'feddst', 'prune_counts',
-           'readjust_rounds', 'server_merge']
+__all__ = ['INITIAL_MASKS', 'FedDSTBroadcast', 'FedDSTCarry', 'FedDSTHparams', 'FedDSTState',
+           'RandomMaskHparams', 'alpha_schedule', 'client_readjust', 'feddst', 'feddst_layout',
+           'prune_counts', 'readjust_rounds', 'server_merge']
 
 INITIAL_MASKS = ('magnitude', 'random')
 
@@ -127,7 +127,7 @@ _check_int = registry.check_int
 
 
 @dataclasses.dataclass(frozen=True)
-class FedDSTConfig:
+class FedDSTHparams:
   """FedDST's own hyperparameters (the config section ``feddst``); defaults: the paper's CIFAR-10.
 
   Attributes:
@@ -180,17 +180,17 @@ class FedDSTConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class RandomMaskConfig:
+class RandomMaskHparams:
   """The RandomMask baseline (config section ``random_mask``): a static random sparse mask.
 
-  Attributes: as the fields of :class:`FedDSTConfig` with the same names.
+  Attributes: as the fields of :class:`FedDSTHparams` with the same names.
   """
   sparsity: float = 0.8
   allocation: str = 'erk'
   mask_enforcement: str = 'step'
 
   def __post_init__(self):
-    FedDSTConfig(sparsity=self.sparsity, allocation=self.allocation,
+    FedDSTHparams(sparsity=self.sparsity, allocation=self.allocation,
                  mask_enforcement=self.mask_enforcement)
 
 
@@ -304,7 +304,7 @@ def server_merge(client_params: Any, client_masks: Any, weights: jax.Array, targ
   return masks.apply(averaged, mask), mask
 
 
-def _feddst_program(apply_fn: Callable[..., jax.Array], local: LocalConfig, hp: FedDSTConfig,
+def _feddst_program(apply_fn: Callable[..., jax.Array], local: LocalConfig, hp: FedDSTHparams,
                     prunable: Callable[..., bool] | None) -> ClientProgram:
   """The client: masked local SGD, readjusting its mask at the end of one local epoch."""
 
@@ -355,7 +355,8 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
            learning_rate: float, lr_decay: float = 1.0,
            server_optimizer: optax.GradientTransformation | None = None,
            mapping: ClientMapping = ClientMapping(), num_rounds: int | None = None,
-           prunable: Callable[..., bool] | None = None, **hparams: Any) -> Algorithm:
+           prunable: Callable[..., bool] | None = None, layout: Any = None,
+           **hparams: Any) -> Algorithm:
   """FedDST (Bibikar et al., AAAI 2022): dynamic sparse training with server-side mask merging.
 
   Args:
@@ -370,12 +371,14 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
     mapping: how clients are mapped.
     num_rounds: the run's length; ``R_end`` defaults to half of it.
     prunable: optional predicate ``(path, leaf) -> bool`` overriding which leaves are pruned.
-    **hparams: the fields of :class:`FedDSTConfig`.
+    layout: :func:`feddst_layout`'s numbers, possibly traced, to use instead of deriving them
+      from ``sparsity`` (a sweep over sparsities sets it).
+    **hparams: the fields of :class:`FedDSTHparams`.
 
   Returns:
     An :class:`~fedsparse.engine.Algorithm` with :class:`FedDSTState`.
   """
-  hp = FedDSTConfig(**hparams)
+  hp = FedDSTHparams(**hparams)
   registry.check_weight_averaging('FedDST', server_optimizer)
   registry.check_learning_rates(learning_rate, lr_decay)
   end = hp.readjust_end
@@ -383,72 +386,47 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
     if num_rounds is None:
       raise ValueError('readjust_end=0 means half the run: pass num_rounds, or set readjust_end.')
     end = num_rounds // 2
-  epochs = local.num_epochs
-  if hp.readjust_epoch >= epochs:
-    raise ValueError(f'readjust_epoch must be -1 (the last) or below the {epochs} local '
-                     f'epoch(s) of a round, got {hp.readjust_epoch}.')
+  _check_readjust_epoch(hp.readjust_epoch, local.num_epochs)
   program = _feddst_program(apply_fn, local, hp, prunable)
   k = cohort.clients_per_round
 
-  def layout(params):
-    """Static per-layer facts from shapes: prunable flags, sizes and kept counts."""
-    prunable_ = masks.prunable_leaves(params, prunable)
-    densities = masks.allocate_densities(params, prunable_, 1.0 - hp.sparsity, hp.allocation)
-    targets = masks.layer_counts(params, prunable_, densities)
-    return prunable_, densities, targets
-
-  def schedule(params, targets, prunable_):
-    """Per round below R_end: n_l per prunable layer (a static int32 table, 0 off-schedule).
-
-    A layer readjusts at most as many weights as it has inactive entries: a dense layer (ERK
-    makes small layers dense) has nothing to regrow into, and pruning it would only regrow the
-    same entries at 0, wiping their weights (RigL skips dense layers the same way).
-    """
-    flags = jax.tree.leaves(prunable_)
-    ks = [kk for kk, f in zip(jax.tree.leaves(targets), flags) if f]
-    room = [int(np.prod(np.shape(w))) - kk
-            for w, kk, f in zip(jax.tree.leaves(params), jax.tree.leaves(targets), flags) if f]
-    on = set(readjust_rounds(end, hp.readjust_every, end))
-    rows = [[min(n, r) for n, r in zip(
-                prune_counts(ks, alpha_schedule(t, hp.alpha, end, hp.constant_alpha)), room)]
-            if t in on else [0] * len(ks)
-            for t in range(max(end, 1))]
-    return np.asarray(rows, np.int32).reshape(max(end, 1), len(ks))
+  def counts(params):
+    return layout if layout is not None else feddst_layout(hp, params, prunable, end)
 
   def init(key: jax.Array, params: Any, data: FederatedData | None = None) -> FedDSTState:
     if data is None:
       raise ValueError('FedDST.init needs the federated data: the server tracks which mask '
                        'version every client of the population holds.')
-    prunable_, densities, targets = layout(params)
-    kept = sum(kk for kk, f in zip(jax.tree.leaves(targets), jax.tree.leaves(prunable_)) if f)
-    if kept < 1:
-      raise ValueError(f'sparsity {hp.sparsity} keeps no prunable weight; lower it.')
+    prunable_ = masks.prunable_leaves(params, prunable)
+    targets = counts(params)['targets']
     if hp.initial_mask == 'magnitude':
-      mask = masks.layerwise_topk(jax.tree.map(jnp.abs, params), prunable_, densities)
+      scores = jax.tree.map(jnp.abs, params)
     else:
-      mask = masks.random_mask(key, params, prunable_, 1.0 - hp.sparsity, 'layerwise',
-                               hp.allocation)
+      scores = masks.random_scores(key, params, prunable_)
+    mask = masks.layerwise_topk_traced(scores, prunable_, targets)
     return FedDSTState(params=masks.apply(params, mask), mask=mask,
                        round=jnp.zeros((), jnp.int32), mask_version=jnp.zeros((), jnp.int32),
                        client_mask_version=jnp.zeros((data.num_clients,), jnp.int32))
 
   def round_fn(state: FedDSTState, data: FederatedData, key: jax.Array
                ) -> tuple[FedDSTState, dict[str, jax.Array]]:
-    prunable_, _, targets = layout(state.params)
+    prunable_ = masks.prunable_leaves(state.params, prunable)
     flags = jax.tree.leaves(prunable_)
-    table = schedule(state.params, targets, prunable_)
-    row = jnp.asarray(table)[jnp.clip(state.round, 0, table.shape[0] - 1)]
+    plan = counts(state.params)
+    targets = plan['targets']
+    table = jnp.asarray(plan['schedule'])
+    row = table[jnp.clip(state.round, 0, table.shape[0] - 1)]
     row = jnp.where(state.round < end, row, 0)
     readjust = jnp.any(row > 0)
-    counts, i = [], 0
+    counts_, i = [], 0
     for f in flags:
-      counts.append(row[i] if f else jnp.zeros((), jnp.int32))
+      counts_.append(row[i] if f else jnp.zeros((), jnp.int32))
       i += bool(f)
-    counts = jax.tree.unflatten(jax.tree.structure(state.params), counts)
+    counts_ = jax.tree.unflatten(jax.tree.structure(state.params), counts_)
 
     drawn = draw_cohort(key, data.num_clients, cohort)
     lr = client_learning_rate(learning_rate, lr_decay, state.round)
-    shared = FedDSTBroadcast(state.params, lr, state.mask, readjust, counts)
+    shared = FedDSTBroadcast(state.params, lr, state.mask, readjust, counts_)
     result = run_clients(program, shared, drawn.clients, drawn.keys, data, local, mapping)
     client_params, client_masks = result.outputs
 
@@ -462,17 +440,10 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
     stale = state.client_mask_version[drawn.clients] != state.mask_version
     client_version = state.client_mask_version.at[drawn.clients].set(state.mask_version)
 
-    # Bits: static formulas of the per-layer counts, selected by traced flags.
-    sizes = [int(np.prod(np.shape(w))) for w, f in zip(jax.tree.leaves(state.params), flags) if f]
-    ks = [kk for kk, f in zip(jax.tree.leaves(targets), flags) if f]
-    dense = sum(int(np.prod(np.shape(w)))
-                for w, f in zip(jax.tree.leaves(state.params), flags) if not f)
-    values = comm.check_int32(comm.FLOAT_BITS * (sum(ks) + dense))
-    mask_bits, encoding = comm.mask_message_bits(sizes, ks)
-    comm.check_int32(values + mask_bits)
+    # Bits: formulas of the per-layer counts (the layout's), selected by traced flags.
+    values, mask_bits = plan['value_bits'], plan['mask_bits']
     bits_up = values + jnp.where(readjust, mask_bits, 0)
     bits_down = values + jnp.where(stale, mask_bits, 0)
-    kept_total = sum(ks)
     t = state.round.astype(jnp.float32)
     alpha_t = (jnp.float32(hp.alpha) if hp.constant_alpha
                else hp.alpha / 2 * (1 + jnp.cos(jnp.pi * t / max(end, 1))))
@@ -483,24 +454,77 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
         'density': masks.density(mask, prunable_),
         'readjusted': readjust.astype(jnp.float32),
         'alpha': jnp.where(readjust, alpha_t, 0.0),
-        'mask_turnover': entered.astype(jnp.float32) / max(kept_total, 1),
-        'mask_bits': jnp.int32(mask_bits),
-        'mask_encoding': jnp.int32(comm.MASK_ENCODINGS.index(encoding)),
+        'mask_turnover': entered.astype(jnp.float32) / jnp.maximum(plan['kept'], 1).astype(
+            jnp.float32),
+        'mask_bits': jnp.asarray(mask_bits, jnp.int32),
+        'mask_encoding': jnp.asarray(plan['mask_encoding'], jnp.int32),
     }
     new_state = FedDSTState(params=params, mask=mask, round=state.round + 1,
                             mask_version=state.mask_version + changed.astype(jnp.int32),
                             client_mask_version=client_version)
     return new_state, metrics
 
-  return Algorithm(init=init, round=round_fn, eval_params=lambda state, key: state.params)
+  return Algorithm(init=init, round=round_fn, eval_params=lambda state, key: state.params,
+                   layout=lambda params: feddst_layout(hp, params, prunable, end))
+
+
+def feddst_layout(hp: FedDSTHparams, params: Any, prunable: Callable[..., bool] | None,
+                  end: int) -> dict[str, Any]:
+  """What FedDST derives from its sparsity and the model's shapes, exactly, on the host.
+
+  Args:
+    hp: the hyperparameters (``sparsity``, ``allocation``, the readjustment schedule).
+    params: the model's params (only shapes are read).
+    prunable: the prunable predicate (None: conv and dense kernels).
+    end: ``R_end``, the round from which no readjustment happens.
+
+  Returns:
+    ``targets``: per-leaf kept counts ``k_l`` (a pytree of ints like ``params``);
+    ``schedule``: ``[max(R_end, 1), L]`` int32, row ``t`` the per-prunable-layer counts a
+    client prunes and regrows on round ``t`` (0 off the readjustment rounds), capped at each
+    layer's inactive entries -- a dense layer (ERK makes small layers dense) has nothing to
+    regrow into, and pruning it would only regrow the same entries at 0, wiping their weights
+    (RigL skips dense layers the same way); ``kept``: ``Σ k_l``; ``value_bits``: a round's
+    float32 values (kept weights and dense leaves); ``mask_bits`` and ``mask_encoding``: the
+    mask message's size under its cheapest encoding (`fedsparse.comm.mask_message_bits`).
+
+  Raises:
+    ValueError: when the sparsity keeps no prunable weight.
+  """
+  prunable_ = masks.prunable_leaves(params, prunable)
+  densities = masks.allocate_densities(params, prunable_, 1.0 - hp.sparsity, hp.allocation)
+  targets = masks.layer_counts(params, prunable_, densities)
+  flags = jax.tree.leaves(prunable_)
+  shapes = [np.shape(w) for w in jax.tree.leaves(params)]
+  ks = [kk for kk, f in zip(jax.tree.leaves(targets), flags) if f]
+  sizes = [int(np.prod(sh)) for sh, f in zip(shapes, flags) if f]
+  if sum(ks) < 1:
+    raise ValueError(f'sparsity {hp.sparsity} keeps no prunable weight; lower it.')
+  on = set(readjust_rounds(end, hp.readjust_every, end))
+  rows = [[min(n, size - kk) for n, size, kk in zip(
+              prune_counts(ks, alpha_schedule(t, hp.alpha, end, hp.constant_alpha)), sizes, ks)]
+          if t in on else [0] * len(ks)
+          for t in range(max(end, 1))]
+  dense = sum(int(np.prod(sh)) for sh, f in zip(shapes, flags) if not f)
+  value_bits = comm.check_int32(comm.FLOAT_BITS * (sum(ks) + dense))
+  mask_bits, encoding = comm.mask_message_bits(sizes, ks)
+  comm.check_int32(value_bits + mask_bits)
+  return {'targets': targets,
+          'schedule': np.asarray(rows, np.int32).reshape(max(end, 1), len(ks)),
+          'kept': sum(ks), 'value_bits': value_bits, 'mask_bits': mask_bits,
+          'mask_encoding': comm.MASK_ENCODINGS.index(encoding)}
+
+
+def _check_readjust_epoch(readjust_epoch: int, epochs: int) -> None:
+  if readjust_epoch >= epochs:
+    raise ValueError(f'feddst.readjust_epoch must be -1 (the last) or below the {epochs} local '
+                     f'epoch(s) of a round, got {readjust_epoch}.')
 
 
 def _check_run(hp: Any, config: Any) -> None:
   registry.check_weight_averaging('FedDST', config=config)
-  epochs = 1 if config.local_steps > 0 else config.local_epochs
-  if getattr(hp, 'readjust_epoch', -1) >= epochs:
-    raise ValueError(f'feddst.readjust_epoch must be -1 (the last) or below the {epochs} local '
-                     f'epoch(s) of a round, got {hp.readjust_epoch}.')
+  _check_readjust_epoch(getattr(hp, 'readjust_epoch', -1),
+                        1 if config.local_steps > 0 else config.local_epochs)
 
 
 def _resolve(hp: Any, config: Any) -> Any:
@@ -520,10 +544,11 @@ def _build(hp: Any, common: registry.Common, **overrides: Any) -> Algorithm:
 
 
 registry.register(registry.Spec(
-    name='feddst', hparams=FedDSTConfig, check=_check_run, resolve=_resolve,
+    name='feddst', hparams=FedDSTHparams, check=_check_run, resolve=_resolve,
+    traceable=('sparsity',),
     summary='FedDST (Bibikar et al., 2022): federated dynamic sparse training',
     build=_build))
 registry.register(registry.Spec(
-    name='random_mask', hparams=RandomMaskConfig, check=_check_run,
+    name='random_mask', hparams=RandomMaskHparams, check=_check_run, traceable=('sparsity',),
     summary='RandomMask: FedDST\'s baseline, a static random sparse mask',
     build=lambda hp, common: _build(hp, common, initial_mask='random', readjust_every=0)))

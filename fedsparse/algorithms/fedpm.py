@@ -63,7 +63,7 @@ Choices and deviations (``ALGORITHMS.md``):
 * ``downlink='dense'`` charges round 0's download (32 bits per score) although those scores
   also follow from the seed, as the paper's accounting does; ``'counts'`` charges nothing then.
 
-Config: ``algorithm='fedpm'`` with the section ``config.fedpm`` holding :class:`FedPMConfig`'s
+Config: ``algorithm='fedpm'`` with the section ``config.fedpm`` holding :class:`FedPMHparams`'s
 fields, e.g. ``--config.fedpm.uplink_coder=global``. The client optimizer is Adam at the run's
 ``learning_rate`` (0.1 in the paper); FedPM has no server optimizer.
 
@@ -106,7 +106,7 @@ from fedsparse.engine import (Algorithm, ClientMapping, ClientProgram, CohortCon
                               bernoulli_mask, draw_cohort, run_clients, supervised_loss)
 
 __all__ = ['ADAM_STATES', 'DOWNLINKS', 'EXPORT_FORMAT', 'PRIOR_RESETS', 'UPLINK_CODERS', 'FedPMBroadcast',
-           'FedPMCarry', 'FedPMConfig', 'FedPMState', 'beta_posterior', 'export_model',
+           'FedPMCarry', 'FedPMHparams', 'FedPMState', 'beta_posterior', 'export_model',
            'exported_bits', 'fedpm', 'flatten_mask', 'load_model', 'prior_is_reset',
            'signed_constants', 'unflatten_mask']
 
@@ -119,7 +119,7 @@ _check = registry.check_choice
 
 
 @dataclasses.dataclass(frozen=True)
-class FedPMConfig:
+class FedPMHparams:
   """FedPM's own hyperparameters (the config section ``fedpm``).
 
   The defaults are the paper's and the official code's, but for ``adam_state``: the official
@@ -302,7 +302,7 @@ def _sample(scores: Any, key: jax.Array) -> Any:
       jax.random.uniform(k, s.shape) < jax.nn.sigmoid(s) for s, k in zip(leaves, keys)])
 
 
-def _fedpm_program(apply_fn: Callable[..., jax.Array], hp: FedPMConfig) -> ClientProgram:
+def _fedpm_program(apply_fn: Callable[..., jax.Array], hp: FedPMHparams) -> ClientProgram:
   """The client: Adam on the scores of ``W ⊙ Bernoulli(sigmoid(s))``, then one sample."""
 
   def make_optimizer(ctx):
@@ -351,12 +351,12 @@ def fedpm(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
     lr_decay: per-round decay of it.
     server_optimizer: must be None (the server computes a posterior, not a step).
     mapping: how clients are mapped.
-    **hparams: the fields of :class:`FedPMConfig`.
+    **hparams: the fields of :class:`FedPMHparams`.
 
   Returns:
     An :class:`~fedsparse.engine.Algorithm` with :class:`FedPMState`.
   """
-  hp = FedPMConfig(**hparams)
+  hp = FedPMHparams(**hparams)
   registry.check_weight_averaging('FedPM', server_optimizer)
   registry.check_learning_rates(learning_rate, lr_decay)
   program = _fedpm_program(apply_fn, hp)
@@ -544,7 +544,7 @@ def load_model(exported: Mapping[str, np.ndarray] | str | os.PathLike, params: A
   return jax.tree.map(lambda w, m: w * jnp.asarray(m, w.dtype), weights, mask)
 
 
-def _check_run(hp: FedPMConfig, config: Any) -> None:
+def _check_run(hp: FedPMHparams, config: Any) -> None:
   del hp
   if config.server_optimizer == 'momentum' or config.server_learning_rate != 1.0:
     raise ValueError('FedPM\'s server takes a Beta posterior of the clients\' masks and has no '
@@ -564,12 +564,12 @@ def _check_run(hp: FedPMConfig, config: Any) -> None:
                        f'{default!r}, got {config.get(name)!r}.')
 
 
-def _build(hp: FedPMConfig, common: registry.Common) -> Algorithm:
+def _build(hp: FedPMHparams, common: registry.Common) -> Algorithm:
   kwargs = common.kwargs()
   kwargs['server_optimizer'] = None  # a posterior, no step: _check_run refused anything else
   return fedpm(common.apply_fn, **kwargs, **dataclasses.asdict(hp))
 
 
 registry.register(registry.Spec(
-    name='fedpm', hparams=FedPMConfig, check=_check_run, build=_build,
+    name='fedpm', hparams=FedPMHparams, check=_check_run, build=_build,
     summary='FedPM (Isik et al., 2023): Bernoulli masks over a frozen random network'))

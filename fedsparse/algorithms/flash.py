@@ -98,7 +98,7 @@ Choices and deviations (``ALGORITHMS.md``):
   differs between clients; under ``vmap`` that ``lax.cond`` becomes a select, so every step pays
   for the ranking. Clients run one after another (the CPU default) pay it once.
 
-Config: ``algorithm='flash'`` with the section ``config.flash`` holding :class:`FLASHConfig`'s
+Config: ``algorithm='flash'`` with the section ``config.flash`` holding :class:`FLASHHparams`'s
 fields, e.g. ``--config.flash.mode=jmwst --config.flash.density=0.05``. FLASH averages weights,
 not deltas: the server optimizer must stay plain averaging.
 
@@ -144,7 +144,7 @@ from fedsparse.engine import (ENFORCEMENTS, Algorithm, ClientMapping, ClientProg
                               steps_per_epoch, supervised_loss, weighted_mean)
 
 __all__ = ['AGGREGATIONS', 'BUDGET_ASSIGNMENTS', 'MODES', 'FLASHBroadcast', 'FLASHCarry',
-           'FLASHConfig', 'FLASHState', 'budget_masks', 'flash', 'hunted_counts',
+           'FLASHHparams', 'FLASHState', 'budget_masks', 'flash', 'flash_layout', 'hunted_counts',
            'nst_prune_regrow', 'prune_counts', 'rate_fraction', 'slot_budgets']
 
 MODES = ('spdst', 'jmwst', 'pdst')
@@ -164,7 +164,7 @@ def _fraction(name: str, value: Any, closed: bool) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class FLASHConfig:
+class FLASHHparams:
   """FLASH's own hyperparameters (the config section ``flash``); defaults: the paper's (but see
   ``exclude_layers``).
 
@@ -369,13 +369,13 @@ def nst_prune_regrow(params: Any, mask: Any, rate: float | tuple[Any, Any], prun
   return masks.apply(masks.zero_regrown(params, grown), new_mask), new_mask, grown
 
 
-def hunted_counts(client_counts: jax.Array, sizes: Any, density: float) -> jax.Array:
+def hunted_counts(client_counts: jax.Array, sizes: Any, total: Any) -> jax.Array:
   """Stage 1's (and JMWST's) per-layer counts: the clients' mean count, rescaled to the budget.
 
   Args:
     client_counts: ``[C, L]`` per-layer counts of the clients' masks.
     sizes: the ``L`` layer sizes ``n_l``.
-    density: ``d``.
+    total: the budget ``K = floor(d · Σ n_l)`` (`fedsparse.masks.keep_count`), traced allowed.
 
   Returns:
     ``[L]`` int32 counts summing to ``K = floor(d · Σ n_l)``: in proportion to the mean counts
@@ -384,8 +384,7 @@ def hunted_counts(client_counts: jax.Array, sizes: Any, density: float) -> jax.A
   """
   sizes = [int(n) for n in sizes]
   mean = jnp.mean(jnp.asarray(client_counts).astype(jnp.float32), axis=0)
-  return masks.apportion(masks.keep_count(density, sum(sizes)), mean,
-                         jnp.asarray(sizes, jnp.int32))
+  return masks.apportion(total, mean, jnp.asarray(sizes, jnp.int32))
 
 
 def budget_masks(params: Any, mask: Any, fractions: tuple[float, ...], prunable: Any) -> Any:
@@ -434,7 +433,7 @@ def _client_budgets(key: jax.Array, num_clients: int, num_budgets: int) -> jax.A
 # The client.
 
 
-def _flash_program(apply_fn: Callable[..., jax.Array], local: LocalConfig, hp: FLASHConfig,
+def _flash_program(apply_fn: Callable[..., jax.Array], local: LocalConfig, hp: FLASHHparams,
                    prunable: Callable[..., bool]) -> ClientProgram:
   """The client: SGD under its budget's mask, with NST's prune and regrow when ``shared.nst``."""
 
@@ -490,7 +489,7 @@ def _flash_program(apply_fn: Callable[..., jax.Array], local: LocalConfig, hp: F
                        epoch_end=None if local.num_epochs == 1 else epoch_end)
 
 
-def _prunable_predicate(hp: FLASHConfig, prunable: Callable[..., bool] | None
+def _prunable_predicate(hp: FLASHHparams, prunable: Callable[..., bool] | None
                         ) -> Callable[[tuple[str, ...], Any], bool]:
   base = prunable or masks.default_prunable
   patterns = [re.compile(p) for p in hp.exclude_patterns]
@@ -500,7 +499,7 @@ def _prunable_predicate(hp: FLASHConfig, prunable: Callable[..., bool] | None
   return predicate
 
 
-def _check_exclusions(hp: FLASHConfig, params: Any, prunable: Callable[..., bool] | None
+def _check_exclusions(hp: FLASHHparams, params: Any, prunable: Callable[..., bool] | None
                       ) -> None:
   """Raises for an ``exclude_layers`` pattern that matches no prunable leaf (e.g. a typo)."""
   base = prunable or masks.default_prunable
@@ -529,7 +528,8 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
           learning_rate: float, lr_decay: float = 1.0,
           server_optimizer: optax.GradientTransformation | None = None,
           mapping: ClientMapping = ClientMapping(),
-          prunable: Callable[..., bool] | None = None, **hparams: Any) -> Algorithm:
+          prunable: Callable[..., bool] | None = None, layout: Any = None,
+          **hparams: Any) -> Algorithm:
   """FLASH (Babakniya et al., TMLR 2023): SPDST, JMWST, hetero-FLASH and PDST.
 
   Args:
@@ -542,12 +542,14 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
     mapping: how clients are mapped (stage 1 too).
     prunable: optional predicate ``(path, leaf) -> bool`` of the prunable leaves (default: conv
       and dense kernels), before ``exclude_layers``.
-    **hparams: the fields of :class:`FLASHConfig`.
+    layout: :func:`flash_layout`'s counts, possibly traced, to use instead of deriving them
+      from ``density`` (a sweep over densities sets it).
+    **hparams: the fields of :class:`FLASHHparams`.
 
   Returns:
     An :class:`~fedsparse.engine.Algorithm` with :class:`FLASHState`.
   """
-  hp = FLASHConfig(**hparams)
+  hp = FLASHHparams(**hparams)
   registry.check_weight_averaging('FLASH', server_optimizer)
   registry.check_learning_rates(learning_rate, lr_decay)
   fractions = hp.budget_fractions
@@ -560,12 +562,15 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
   hunt_local = dataclasses.replace(local, local_epochs=hp.hunt_epochs, local_steps=0)
   hunt_program = _flash_program(apply_fn, hunt_local, hp, predicate)
 
-  def layout(params):
+  def shapes(params):
     prunable_ = masks.prunable_leaves(params, predicate)
     sizes = _prunable_sizes(params, prunable_)
     dense = sum(int(np.prod(np.shape(w))) for w, f in zip(jax.tree.leaves(params),
                                                             jax.tree.leaves(prunable_)) if not f)
     return prunable_, sizes, dense
+
+  def counts(params):
+    return layout if layout is not None else flash_layout(hp, params, predicate)
 
   def hunt(params, start, hunters, keys, data):
     """Stage 1: the hunters' NST from the start mask; their masks' per-layer counts [H, L]."""
@@ -583,26 +588,18 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
       raise ValueError('FLASH.init needs the federated data: stage 1 trains on it, and the '
                        'server tracks which mask every client of the population holds.')
     _check_exclusions(hp, params, prunable)
-    _, sizes, _ = layout(params)
-    if masks.keep_count(hp.density, sum(sizes)) < 1:
-      raise ValueError(f'density {hp.density} keeps no weight of the {sum(sizes)} prunable ones; '
-                       f'use at least {masks.smallest_density(sum(sizes))}.')
-    if hp.mode == 'pdst':
-      empty = [name for name, n in zip(_prunable_names(params, predicate), sizes)
-               if masks.keep_count(hp.density, n) < 1]
-      if empty:
-        raise ValueError(f'density {hp.density} keeps no weight of {", ".join(empty)} under '
-                         f'PDST\'s uniform per-layer density; use at least '
-                         f'{masks.smallest_density(min(sizes))}.')
+    counts(params)  # fails for a density that keeps no weight
     # Under a trace (the run loop's eval_shape check) the caller compiles: no nested options.
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, key)))
     return (init_state if traced else init_jit)(key, params, data)
 
   def init_state(key: jax.Array, params: Any, data: FederatedData) -> FLASHState:
-    prunable_, sizes, _ = layout(params)
+    prunable_, sizes, _ = shapes(params)
+    plan = counts(params)
     n = data.num_clients
     start_key, hunter_key, client_key, final_key, budget_key = jax.random.split(key, 5)
-    start = masks.random_mask(start_key, params, prunable_, hp.density, 'layerwise', 'uniform')
+    start = masks.layerwise_topk_traced(masks.random_scores(start_key, params, prunable_),
+                                        prunable_, plan['start'])
     if hp.mode == 'pdst':
       mask = start
       # No hunters: one placeholder row with id -1 (checkpoints cannot hold empty arrays).
@@ -613,9 +610,9 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
       hunters = jax.random.permutation(hunter_key, n)[:num_hunters].astype(jnp.int32)
       keys = jax.random.split(client_key, num_hunters)
       hunt_counts = hunt(params, start, hunters, keys, data)
-      counts = hunted_counts(hunt_counts, sizes, hp.density)
+      hunted = hunted_counts(hunt_counts, sizes, plan['total'])
       empty = jax.tree.map(lambda m, f: jnp.zeros_like(m) if f else m, start, prunable_)
-      mask, _ = masks.regrow(empty, _layer_tree(counts, params, prunable_), prunable_,
+      mask, _ = masks.regrow(empty, _layer_tree(hunted, params, prunable_), prunable_,
                              key=final_key)
     # PDST's mask comes from the shared seed (every client holds it); a hunted one must travel.
     held = 0 if hp.mode == 'pdst' else -1
@@ -632,7 +629,8 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
 
   def round_fn(state: FLASHState, data: FederatedData, key: jax.Array
                ) -> tuple[FLASHState, dict[str, jax.Array]]:
-    prunable_, sizes, dense = layout(state.params)
+    prunable_, sizes, dense = shapes(state.params)
+    budget_total = counts(state.params)['total']
     drawn = draw_cohort(key, data.num_clients, cohort)
     lr = client_learning_rate(learning_rate, lr_decay, state.round)
     nst = jnp.bool_(hp.mode == 'jmwst') & (state.round % hp.mask_interval == 0)
@@ -655,9 +653,9 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
     up_counts = jax.vmap(layer_counts)(client_masks)  # [K, L]
 
     def rebuild():
-      counts = hunted_counts(up_counts, sizes, hp.density)
+      hunted = hunted_counts(up_counts, sizes, budget_total)
       return masks.layerwise_topk_traced(jax.tree.map(jnp.abs, averaged), prunable_,
-                                         _layer_tree(counts, averaged, prunable_))
+                                         _layer_tree(hunted, averaged, prunable_))
 
     mask = jax.lax.cond(nst, rebuild, lambda: state.mask)
     params = masks.apply(averaged, mask)
@@ -734,21 +732,58 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
             for i, beta in enumerate(fractions[:-1])}
 
   return Algorithm(init=init, round=round_fn, eval_params=lambda state, key: state.params,
-                   host_bits=host_bits, eval_variants=eval_variants)
+                   host_bits=host_bits, eval_variants=eval_variants,
+                   layout=lambda params: flash_layout(hp, params, predicate))
 
 
-def _check_run(hp: FLASHConfig, config: Any) -> None:
+def flash_layout(hp: FLASHHparams, params: Any, predicate: Callable[..., bool]) -> dict[str, Any]:
+  """What FLASH derives from its density and the model's shapes, exactly, on the host.
+
+  The budgets ``β`` are not part of it: their number is an axis of the round's arrays and their
+  values name the logged models (``budget_0.5/test_accuracy``), so members of a sweep that
+  differ in ``budgets`` compile apart.
+
+  Args:
+    hp: the hyperparameters.
+    params: the model's params (only shapes are read).
+    predicate: the prunable predicate, ``exclude_layers`` applied.
+
+  Returns:
+    ``total``: ``K = keep_count(d, P)`` over the prunable weights (stage 1's and JMWST's
+    budget); ``start``: per-leaf counts ``keep_count(d, n_l)`` of the uniform random start mask
+    (PDST's static mask).
+
+  Raises:
+    ValueError: when the density keeps no weight (for PDST: of some layer).
+  """
+  prunable_ = masks.prunable_leaves(params, predicate)
+  sizes = _prunable_sizes(params, prunable_)
+  if masks.keep_count(hp.density, sum(sizes)) < 1:
+    raise ValueError(f'density {hp.density} keeps no weight of the {sum(sizes)} prunable ones; '
+                     f'use at least {masks.smallest_density(sum(sizes))}.')
+  if hp.mode == 'pdst':
+    empty = [name for name, n in zip(_prunable_names(params, predicate), sizes)
+             if masks.keep_count(hp.density, n) < 1]
+    if empty:
+      raise ValueError(f'density {hp.density} keeps no weight of {", ".join(empty)} under '
+                       f'PDST\'s uniform per-layer density; use at least '
+                       f'{masks.smallest_density(min(sizes))}.')
+  return {'total': masks.keep_count(hp.density, sum(sizes)),
+          'start': masks.layer_counts(params, prunable_, hp.density)}
+
+
+def _check_run(hp: FLASHHparams, config: Any) -> None:
   registry.check_weight_averaging('FLASH', config=config)
   if hp.hetero and hp.budget_assignment == 'slot':
     slot_budgets(config.clients_per_round, len(hp.budget_fractions))
 
 
-def _build(hp: FLASHConfig, common: registry.Common) -> Algorithm:
+def _build(hp: FLASHHparams, common: registry.Common) -> Algorithm:
   kwargs = common.kwargs()
   kwargs['server_optimizer'] = None  # plain averaging: _check_run refused anything else
   return flash(common.apply_fn, **kwargs, **dataclasses.asdict(hp))
 
 
 registry.register(registry.Spec(
-    name='flash', hparams=FLASHConfig, check=_check_run, build=_build,
+    name='flash', hparams=FLASHHparams, check=_check_run, build=_build, traceable=('density',),
     summary='FLASH (Babakniya et al., 2023): sparsity hunting -- SPDST, JMWST, hetero, PDST'))

@@ -23,10 +23,11 @@ from typing import Any, Callable
 import jax
 import optax
 
+from fedsparse.checks import check_choice, check_int  # pylint: disable=unused-import (re-exported)
 from fedsparse.engine import Algorithm, ClientMapping, CohortConfig, LocalConfig
 
 __all__ = ['Common', 'Spec', 'check_choice', 'check_int', 'check_learning_rates',
-           'check_weight_averaging', 'get', 'names', 'register']
+           'check_weight_averaging', 'get', 'names', 'register', 'unregister']
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +44,9 @@ class Common:
     mapping: how clients are mapped over the cohort axis.
     num_rounds: the run's length, for schedules that end relative to it (FedDST's readjustment
       ends at ``num_rounds // 2`` by default); not passed on by :meth:`kwargs`.
+    layout: the algorithm's layout (`fedsparse.engine.Algorithm.layout`) given from outside,
+      leaves possibly traced (a sweep's member), or None: derived from the hyperparameters.
+      Passed on by :meth:`kwargs` only when set, so algorithms without a layout never see it.
   """
   apply_fn: Callable[..., Any]
   cohort: CohortConfig
@@ -52,12 +56,15 @@ class Common:
   server_optimizer: optax.GradientTransformation | None = None
   mapping: ClientMapping = ClientMapping()
   num_rounds: int | None = None
+  layout: Any = None
 
   def kwargs(self) -> dict[str, Any]:
-    """The shared keyword arguments of the algorithm factories (all fields but ``apply_fn`` and
-    ``num_rounds``)."""
+    """The shared keyword arguments of the algorithm factories (all fields but ``apply_fn``,
+    ``num_rounds`` and an unset ``layout``)."""
     out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     del out['apply_fn'], out['num_rounds']
+    if self.layout is None:
+      del out['layout']
     return out
 
 
@@ -78,6 +85,9 @@ class Spec:
       the shared settings (FedDST's ``readjust_end=0`` becomes ``num_rounds // 2``), so that the
       saved config records what the run really does and a resume that would change it is
       refused.
+    traceable: the hyperparameters that enter the round only through the algorithm's layout
+      (`fedsparse.engine.Algorithm.layout`), e.g. a density: sweep members that differ in them
+      share one compiled round, each with its own exact counts.
   """
   name: str
   hparams: type
@@ -86,6 +96,7 @@ class Spec:
   server_momentum: bool = False
   check: Callable[[Any, Any], None] | None = None
   resolve: Callable[[Any, Any], Any] | None = None
+  traceable: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, Spec] = {}
@@ -95,6 +106,10 @@ def register(spec: Spec) -> Spec:
   """Adds an algorithm (called at import time of its module)."""
   if not dataclasses.is_dataclass(spec.hparams) or not spec.hparams.__dataclass_params__.frozen:
     raise TypeError(f'{spec.name}: hparams must be a frozen dataclass, got {spec.hparams!r}.')
+  unknown = sorted(set(spec.traceable) - {f.name for f in dataclasses.fields(spec.hparams)})
+  if unknown:
+    raise TypeError(f'{spec.name}: traceable names {unknown}, which are not fields of '
+                    f'{spec.hparams.__name__}.')
   old = _REGISTRY.get(spec.name)
   # A module imported again (e.g. reloaded in a notebook) re-registers the same algorithm.
   if old is not None and (old.hparams.__module__, old.hparams.__qualname__) != (
@@ -103,6 +118,12 @@ def register(spec: Spec) -> Spec:
                      f'and {spec.hparams.__module__}.')
   _REGISTRY[spec.name] = spec
   return spec
+
+
+def unregister(name: str) -> None:
+  """Removes a registered algorithm (e.g. one a test or notebook registered for a while)."""
+  get(name)  # fails with the valid names
+  del _REGISTRY[name]
 
 
 def names() -> tuple[str, ...]:
@@ -119,18 +140,6 @@ def get(name: str) -> Spec:
 
 # --------------------------------------------------------------------------------------------------
 # Checks the algorithm modules share (hyperparameter dataclasses and factories).
-
-
-def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
-  """Raises unless ``value`` is one of ``valid``, naming the valid choices."""
-  if value not in valid:
-    raise ValueError(f'Unknown {name} {value!r}; valid: {", ".join(valid)}.')
-
-
-def check_int(name: str, value: Any, low: int) -> None:
-  """Raises unless ``value`` is an int (not a bool) of at least ``low``."""
-  if isinstance(value, bool) or not isinstance(value, int) or value < low:
-    raise ValueError(f'{name} must be an integer >= {low}, got {value!r}.')
 
 
 def check_learning_rates(learning_rate: Any, lr_decay: Any) -> None:

@@ -49,7 +49,7 @@ Choices and deviations (``ALGORITHMS.md``):
   weight decay nor momentum can move them); ``'step'`` trains dense and re-masks after every
   step, so gradient-norm clipping sees the dense gradient.
 
-Config: ``algorithm='ssfl'`` with the section ``config.ssfl`` holding :class:`SSFLConfig`'s
+Config: ``algorithm='ssfl'`` with the section ``config.ssfl`` holding :class:`SSFLHparams`'s
 fields, e.g. ``--config.ssfl.density=0.05``.
 """
 
@@ -69,21 +69,19 @@ from fedsparse.engine import (ENFORCEMENTS, Algorithm, ClientMapping, CohortConf
                               example_orders, gather_batch, server_key,
                               sum_clients)
 
-__all__ = ['MASKS', 'SCORES', 'WEIGHTINGS', 'SSFLConfig', 'SSFLState', 'population_saliency',
-           'ssfl']
+__all__ = ['MASKS', 'SCORES', 'WEIGHTINGS', 'SSFLHparams', 'SSFLState', 'population_saliency',
+           'ssfl', 'ssfl_layout']
 
 MASKS = ('saliency', 'random_global', 'random_layerwise')
 SCORES = ('ssfl', 'salientgrads')
 WEIGHTINGS = ('uniform', 'weighted')
 
 
-def _check(name: str, value: str, valid: tuple[str, ...]) -> None:
-  if value not in valid:
-    raise ValueError(f'Unknown {name} {value!r}; valid: {", ".join(valid)}.')
+_check = registry.check_choice
 
 
 @dataclasses.dataclass(frozen=True)
-class SSFLConfig:
+class SSFLHparams:
   """SSFL's own hyperparameters (the config section ``ssfl``); defaults: the paper's CIFAR-10.
 
   Attributes:
@@ -229,7 +227,7 @@ def ssfl(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Loc
          learning_rate: float, lr_decay: float = 1.0,
          server_optimizer: optax.GradientTransformation | None = None,
          mapping: ClientMapping = ClientMapping(), prunable: Callable[..., bool] | None = None,
-         **hparams: Any) -> Algorithm:
+         layout: Any = None, **hparams: Any) -> Algorithm:
   """SSFL / SalientGrads: a static global mask from aggregated client saliency.
 
   Args:
@@ -243,39 +241,41 @@ def ssfl(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Loc
       replaced by ``chunked`` to bound memory over the whole population).
     prunable: optional predicate ``(path, leaf) -> bool`` overriding which leaves are pruned
       (default: conv and dense kernels; see `fedsparse.masks.prunable_leaves`).
-    **hparams: the fields of :class:`SSFLConfig` (``density``, ``mask``, ...).
+    layout: the keep counts of ``density`` (see :func:`ssfl_layout`), possibly traced, to use
+      instead of deriving them from ``density`` (a sweep over densities sets it).
+    **hparams: the fields of :class:`SSFLHparams` (``density``, ``mask``, ...).
 
   Returns:
     An :class:`~fedsparse.engine.Algorithm` with :class:`SSFLState`.
   """
-  hp = SSFLConfig(**hparams)
+  hp = SSFLHparams(**hparams)
   core, server_optimizer = fedavg_round_core(
       apply_fn, cohort=cohort, local=local, learning_rate=learning_rate, lr_decay=lr_decay,
       server_optimizer=server_optimizer, mapping=mapping, enforce=hp.mask_enforcement)
   k = cohort.clients_per_round
   scoring_mapping = _scoring_mapping(mapping)
 
+  def counts(params):
+    return layout if layout is not None else ssfl_layout(hp, params, prunable)
+
   def init(key: jax.Array, params: Any, data: FederatedData | None = None) -> SSFLState:
     del key, data  # the mask is drawn in the scoring round, from that round's key
-    prunable_ = masks.prunable_leaves(params, prunable)  # fails on nothing to prune
-    p_prunable = masks.num_prunable(params, prunable_)
-    if masks.keep_count(hp.density, p_prunable) < 1:
-      raise ValueError(f'density {hp.density} keeps no weight of the {p_prunable} prunable '
-                       f'ones; use at least {masks.smallest_density(p_prunable)}.')
+    counts(params)  # fails on nothing to prune, or a density that keeps no weight
     return SSFLState(params=params, opt_state=server_optimizer.init(params),
                      mask=masks.ones_like(params), round=jnp.zeros((), jnp.int32))
 
   def make_mask(params, data, key, prunable_):
+    kept = counts(params)
     if hp.mask == 'saliency':
       scores = population_saliency(
           apply_fn, params, data, key, prunable=prunable_, batch_size=local.batch_size,
           num_batches=hp.saliency_batches, score=hp.saliency_score,
           weighting=hp.saliency_weighting, mapping=scoring_mapping)
-      return masks.global_topk(scores, prunable_, hp.density, hp.ties)
+      return masks.global_topk_traced(scores, prunable_, kept, hp.ties)
+    scores = masks.random_scores(key, params, prunable_)
     if hp.mask == 'random_global':
-      return masks.random_mask(key, params, prunable_, hp.density, 'global')
-    return masks.random_mask(key, params, prunable_, hp.density, 'layerwise',
-                             hp.layerwise_allocation)
+      return masks.global_topk_traced(scores, prunable_, kept)
+    return masks.layerwise_topk_traced(scores, prunable_, kept)
 
   def round_fn(state: SSFLState, data: FederatedData, key: jax.Array
                ) -> tuple[SSFLState, dict[str, jax.Array]]:
@@ -308,16 +308,39 @@ def ssfl(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Loc
         density=masks.density(mask_, prunable_))
     return SSFLState(params, opt_state, mask_, state.round + 1), metrics
 
-  return Algorithm(init=init, round=round_fn, eval_params=lambda state, key: state.params)
+  return Algorithm(init=init, round=round_fn, eval_params=lambda state, key: state.params,
+                   layout=lambda params: ssfl_layout(hp, params, prunable))
 
 
-def _check_run(hp: SSFLConfig, config: Any) -> None:
+def ssfl_layout(hp: SSFLHparams, params: Any, prunable: Callable[..., bool] | None = None) -> Any:
+  """The keep counts of ``hp.density`` on ``params``' shapes, exact (host integers).
+
+  Returns:
+    ``k = keep_count(d, P)`` over all prunable weights (an int) for the global masks; for
+    ``'random_layerwise'`` a pytree like ``params`` of per-leaf counts ``keep_count(d_l, n_l)``
+    under ``hp.layerwise_allocation``.
+
+  Raises:
+    ValueError: when nothing is prunable or the density keeps no weight.
+  """
+  prunable_ = masks.prunable_leaves(params, prunable)  # fails on nothing to prune
+  p_prunable = masks.num_prunable(params, prunable_)
+  if masks.keep_count(hp.density, p_prunable) < 1:
+    raise ValueError(f'density {hp.density} keeps no weight of the {p_prunable} prunable '
+                     f'ones; use at least {masks.smallest_density(p_prunable)}.')
+  if hp.mask == 'random_layerwise':
+    densities = masks.allocate_densities(params, prunable_, hp.density, hp.layerwise_allocation)
+    return masks.layer_counts(params, prunable_, densities)
+  return masks.keep_count(hp.density, p_prunable)
+
+
+def _check_run(hp: SSFLHparams, config: Any) -> None:
   if hp.warmup_rounds >= config.num_rounds:
     raise ValueError(f'ssfl.warmup_rounds must be in [0, num_rounds = {config.num_rounds}), got '
                      f'{hp.warmup_rounds}: the mask would never be chosen.')
 
 
 registry.register(registry.Spec(
-    name='ssfl', hparams=SSFLConfig, check=_check_run,
+    name='ssfl', hparams=SSFLHparams, check=_check_run, traceable=('density',),
     summary='SalientGrads / SSFL: static global mask from every client\'s saliency',
     build=lambda hp, common: ssfl(common.apply_fn, **common.kwargs(), **dataclasses.asdict(hp))))

@@ -8,11 +8,13 @@ from fedsparse.data.partition import partition
 from fedsparse.data.partition import PARTITIONERS
 from fedsparse.data.sources import Dataset
 from fedsparse.data.sources import DATASETS
+from fedsparse.data.sources import NPZ_PREFIX
 from fedsparse.data.sources import load_dataset
 from fedsparse.data.sources import normalize
 
 __all__ = [
     'DATASETS',
+    'NPZ_PREFIX',
     'Dataset',
     'FederatedData',
     'PARTITIONERS',

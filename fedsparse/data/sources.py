@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ['DATASETS', 'Dataset', 'load_dataset', 'normalize']
+__all__ = ['DATASETS', 'NPZ_PREFIX', 'Dataset', 'load_dataset', 'normalize']
 
 # Short names mapped to TFDS names. EMNIST defaults to the class-balanced split used in the
 # FL literature (47 classes); any `emnist/<config>` is also accepted.
@@ -42,7 +42,7 @@ _TFDS_NAMES = {
 DATASETS = ('digits',) + tuple(_TFDS_NAMES)
 """Accepted dataset names; `emnist/<config>` and `npz:PATH` are accepted as well."""
 
-_NPZ_PREFIX = 'npz:'
+NPZ_PREFIX = 'npz:'
 _NPZ_KEYS = ('x_train', 'y_train', 'x_test', 'y_test')
 # Without a declared `num_classes` array, an npz's class count is its largest label + 1; a
 # label beyond this cap is far more likely a corrupt value than a real class (the model's last
@@ -128,8 +128,8 @@ def load_dataset(name: str, *, data_dir: str | None = None) -> Dataset:
   if name == 'digits':
     arrays = _load_digits()
     scale = 16.0
-  elif name.startswith(_NPZ_PREFIX):
-    arrays = _load_npz(name[len(_NPZ_PREFIX):])
+  elif name.startswith(NPZ_PREFIX):
+    arrays = _load_npz(name[len(NPZ_PREFIX):])
     x_train = arrays[0]
     if x_train.dtype == np.uint8:
       scale = 255.0

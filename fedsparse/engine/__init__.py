@@ -11,7 +11,7 @@ from fedsparse.engine.cohort import (Cohort, CohortConfig, aggregation_weights, 
 from fedsparse.engine.compilation import CPU_COMPILER_OPTIONS, compiler_options, jit
 from fedsparse.engine.evaluation import make_evaluator
 from fedsparse.engine.local import (LR_SCHEDULES, PARTIAL_BATCHES, Batch, LocalConfig,
-                                    StepSlice, client_optimizer, client_steps, cross_entropy,
+                                    StepSlice, client_optimizer, client_steps,
                                     example_orders, gather_batch, host_minibatches, step_slice,
                                     steps_per_epoch)
 from fedsparse.engine.mapping import (STRATEGIES, ClientMapping, computed_iterations,
@@ -23,8 +23,9 @@ __all__ = [
     'CohortConfig', 'CohortResult', 'Context', 'EpochInfo', 'Gradients', 'LocalConfig',
     'SGDState', 'StepInfo', 'StepSlice', 'aggregation_weights', 'bernoulli_mask',
     'client_minibatches', 'client_optimizer', 'client_streams', 'client_steps',
-    'compiler_options', 'computed_iterations', 'cross_entropy', 'default_strategy',
-    'draw_cohort', 'enforcement_transform', 'example_orders', 'gather_batch', 'host_minibatches', 'identity_transform', 'jit', 'make_evaluator', 'map_clients',
+    'compiler_options', 'computed_iterations', 'default_strategy',
+    'draw_cohort', 'enforcement_transform', 'example_orders', 'gather_batch', 'host_minibatches',
+    'identity_transform', 'jit', 'make_evaluator', 'map_clients',
     'masked_transform', 'run_clients', 'sample_cohort', 'server_key', 'sgd_client', 'step_slice',
     'steps_per_epoch', 'sum_clients', 'supervised_loss', 'weighted_mean',
 ]

@@ -52,6 +52,13 @@ class Algorithm(NamedTuple):
       algorithm's own compact form, written by the run loop as ``model.npz`` in the workdir
       (``key``: the last evaluation's, so the file reproduces the last logged accuracy; e.g.
       FedPM's seed and coded mask).
+    layout: optional ``layout(params) -> pytree of numbers``: what the round derives from the
+      algorithm's density-like hyperparameters and the model's shapes -- exact keep counts,
+      schedules of counts, message sizes -- computed on the host (Python integers, NumPy
+      arrays), raising ValueError for a setting the shapes cannot take (a density that keeps
+      no weight). An algorithm built with ``layout=`` (its factory's argument) reads these
+      numbers from that pytree instead, as traced arrays if need be: a sweep stacks its
+      members' layouts and runs members of different densities through one compiled round.
   """
   init: Callable[[jax.Array, Any, FederatedData], Any]
   round: Callable[[Any, FederatedData, jax.Array], tuple[Any, dict[str, jax.Array]]]
@@ -59,3 +66,4 @@ class Algorithm(NamedTuple):
   host_bits: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]] | None = None
   eval_variants: Callable[[Any, jax.Array], dict[str, Any]] | None = None
   export: Callable[[Any, jax.Array], dict[str, np.ndarray]] | None = None
+  layout: Callable[[Any], Any] | None = None

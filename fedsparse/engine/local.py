@@ -31,7 +31,6 @@ __all__ = [
     'StepSlice',
     'client_optimizer',
     'client_steps',
-    'cross_entropy',
     'example_orders',
     'gather_batch',
     'host_minibatches',
@@ -165,13 +164,6 @@ def client_optimizer(config: LocalConfig, learning_rate: jax.Array,
   parts.append(optax.inject_hyperparams(optax.sgd)(
       learning_rate=lr, momentum=config.momentum if swept_momentum else config.momentum or None))
   return optax.chain(*parts)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy over the valid examples (0 when there are none)."""
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  maskf = mask.astype(losses.dtype)
-  return jnp.sum(losses * maskf) / jnp.maximum(jnp.sum(maskf), 1.0)
 
 
 def _masked_permutation(key: jax.Array, size: jax.Array, length: int) -> jax.Array:
