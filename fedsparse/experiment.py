@@ -31,6 +31,7 @@ dataclass lacks, is an error naming the valid keys.
 """
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -42,6 +43,7 @@ import ml_collections
 import optax
 
 from fedsparse import algorithms
+from fedsparse import checks
 from fedsparse import data as data_lib
 from fedsparse import engine
 from fedsparse import models
@@ -84,12 +86,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     # Every number must be finite (inf passes `> 0`, and NaN fails every comparison silently).
     if isinstance(value, float) and not math.isfinite(value):
       raise ValueError(f'{key} must be a finite number, got {value}.')
-  _require(config.model in models.MODELS,
-           f'Unknown model {config.model!r}; valid: {", ".join(models.MODELS)}.')
-  _require(config.partition in data_lib.PARTITIONERS,
-           f'Unknown partition {config.partition!r}; valid: {", ".join(data_lib.PARTITIONERS)}.')
-  _require(config.strategy in engine.STRATEGIES,
-           f'Unknown strategy {config.strategy!r}; valid: {", ".join(engine.STRATEGIES)}.')
+  for key, valid in (('model', models.MODELS), ('partition', data_lib.PARTITIONERS),
+                     ('strategy', engine.STRATEGIES), ('lr_schedule', engine.LR_SCHEDULES),
+                     ('server_optimizer', SERVER_OPTIMIZERS),
+                     ('partial_batches', engine.PARTIAL_BATCHES)):
+    checks.check_choice(key, config[key], tuple(valid))
   for key in ('num_clients', 'clients_per_round', 'num_rounds', 'batch_size', 'eval_every',
               'eval_batch_size', 'chunk_size', 'classes_per_client', 'shards_per_client'):
     value = config[key]
@@ -112,19 +113,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _require(config[key] >= 0, f'{key} must be >= 0, got {config[key]}.')
   _require(config.dirichlet_alpha > 0,
            f'dirichlet_alpha must be > 0, got {config.dirichlet_alpha}.')
-  _require(config.lr_schedule in engine.LR_SCHEDULES,
-           f'Unknown lr_schedule {config.lr_schedule!r}; valid: {", ".join(engine.LR_SCHEDULES)}.')
   if config.lr_schedule == 'cosine':
     _require(0 <= config.cosine_min_lr < config.learning_rate,
              f'cosine_min_lr must be in [0, learning_rate), got {config.cosine_min_lr}.')
     _require(config.local_steps == 0 or config.cosine_epochs > 0,
              'lr_schedule=cosine with local_steps > 0 needs cosine_epochs > 0.')
-  _require(config.server_optimizer in SERVER_OPTIMIZERS,
-           f'Unknown server_optimizer {config.server_optimizer!r}; valid: '
-           f'{", ".join(SERVER_OPTIMIZERS)}.')
-  _require(config.partial_batches in engine.PARTIAL_BATCHES,
-           f'Unknown partial_batches {config.partial_batches!r}; valid: '
-           f'{", ".join(engine.PARTIAL_BATCHES)}.')
   _require(isinstance(config.get('tensorboard', True), bool),
            f'tensorboard must be true or false, got {config.get("tensorboard")!r}.')
   _require(isinstance(config.size_groups, int) and config.size_groups > 0,
@@ -277,12 +270,18 @@ def init_params(model: Any, config: ml_collections.ConfigDict, input_shape: Any)
   """
   dummy = jnp.zeros((1,) + tuple(input_shape), jnp.float32)
   try:
-    return jax.jit(model.init)(model_key(config.seed), dummy)['params']
+    return _jitted_init(model)(model_key(config.seed), dummy)['params']
   except (ValueError, TypeError) as e:
     raise ValueError(
         f'Model {config.model!r} cannot take {config.dataset!r} inputs of shape '
         f'{tuple(input_shape)} ({str(e).splitlines()[0]}); choose a model for this '
         f'input size (valid models: {", ".join(models.MODELS)}).') from None
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model: Any) -> Any:
+  """One jitted ``model.init`` per model: a sweep initialises every member's seed with it."""
+  return jax.jit(model.init)
 
 
 def batch_cap(config: ml_collections.ConfigDict, info: Any) -> int:

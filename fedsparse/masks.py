@@ -7,10 +7,10 @@ are prunable, and masks aggregate, compare and travel leaf by leaf like the para
 
 Which leaves are prunable is a separate, static pytree of Python bools of the same structure
 (:func:`prunable_leaves`). It is never traced: every count it implies (how many entries a layer
-keeps) is a Python int computed from shapes, so the selections below compile once under
-``jax.jit`` with static ``k``. The dynamic-sparse-training operations (FedDST, FLASH) instead take
-their counts as traced int32 scalars: the number of weights to prune and regrow anneals from round
-to round, and a static count would recompile the round every time it changed.
+keeps) is a Python int computed exactly from shapes (:func:`keep_count`, :func:`layer_counts`).
+The selections the algorithms run take those counts as (possibly traced) int32 scalars and select
+by rank: the number of weights to prune and regrow anneals from round to round, and a sweep runs
+members of different densities -- different counts -- through one compiled round.
 
 The density budget ``d`` always refers to the prunable entries only: a mask of density ``d`` keeps
 ``keep_count(d, P)`` of the ``P`` prunable entries, plus every non-prunable one.
@@ -25,12 +25,14 @@ Building blocks:
 * :func:`topk_mask` -- exactly ``k`` entries of one array, ties broken by index (or SSFL's
   ``'keep'`` rule: everything at least the k-th largest score).
 * :func:`global_topk` / :func:`layerwise_topk` -- one top-k over all prunable entries, or one per
-  layer.
-* :func:`random_mask` -- uniformly random masks of exact size (the usual sparse initialisation).
+  layer, at a density.
+* :func:`random_mask` -- uniformly random masks of exact size (the usual sparse initialisation);
+  :func:`random_scores` -- the scores it selects by, for count-based selections.
 
-Dynamic sparse training (every count traced, every selection exact, ties broken by index):
+Traced counts (every selection exact, ties broken by index):
 
-* :func:`topk_traced` / :func:`layerwise_topk_traced` -- top-k with a traced ``k``.
+* :func:`topk_traced` / :func:`layerwise_topk_traced` / :func:`global_topk_traced` -- top-k with
+  a traced ``k``.
 * :func:`prune_smallest` -- drop the ``n_l`` smallest-magnitude active entries of each layer.
 * :func:`regrow` -- activate ``n_l`` inactive entries per layer, by score (RigL's gradient
   magnitude) or uniformly at random (SET); :func:`zero_regrown` and :func:`reset_moments` then
@@ -39,6 +41,10 @@ Dynamic sparse training (every count traced, every selection exact, ties broken 
   that hold each entry.
 * :func:`apportion` -- split an integer budget over layers in proportion to shares, capped at
   each layer's room, summing exactly to the budget (FLASH's regrowth and density rescaling).
+* Per-layer bookkeeping: :func:`prunable_sizes`, :func:`count_vector`, :func:`layer_vector` /
+  :func:`layer_tree` (per-layer scalars as an ``[L]`` vector and back), :func:`turnover` (how
+  much a mask changed), :func:`stale_copies` / :func:`delivered` (which clients hold an outdated
+  copy of a versioned mask).
 
 Example::
 
@@ -80,6 +86,13 @@ __all__ = [
     'num_prunable',
     'layer_counts',
     'layer_count_tree',
+    'layer_tree',
+    'layer_vector',
+    'prunable_sizes',
+    'turnover',
+    'count_vector',
+    'stale_copies',
+    'delivered',
     'keep_count',
     'allocate_densities',
     'topk_mask',
@@ -333,6 +346,74 @@ def layer_count_tree(mask: Any, prunable: Any) -> Any:
   return jax.tree_util.tree_unflatten(treedef, [
       jnp.sum(m, dtype=jnp.int32) if f else jnp.zeros((), jnp.int32)
       for m, f in zip(leaves, flags)])
+
+
+def prunable_sizes(params: Any, prunable: Any) -> list[int]:
+  """The sizes ``n_l`` of the prunable leaves, in ``jax.tree.leaves`` order (Python ints)."""
+  leaves, flags, _ = _prunable_flags(params, prunable)
+  return [_size(w) for w, f in zip(leaves, flags) if f]
+
+
+def layer_vector(tree: Any, prunable: Any) -> jax.Array:
+  """The prunable leaves' scalars of a per-leaf tree (e.g. `layer_count_tree`) as ``[L]``."""
+  leaves, flags, _ = _prunable_flags(tree, prunable)
+  return jnp.stack([x for x, f in zip(leaves, flags) if f])
+
+
+def layer_tree(vector: jax.Array, like: Any, prunable: Any) -> Any:
+  """An ``[L]`` per-layer vector back to a per-leaf tree shaped like ``like``'s structure.
+
+  The inverse of `layer_vector`: the prunable leaves get the vector's entries in order, the
+  others an int32 0 (e.g. counts to prune or regrow, which no non-prunable leaf has).
+  """
+  _, flags, treedef = _prunable_flags(like, prunable)
+  out, i = [], 0
+  for f in flags:
+    out.append(vector[i] if f else jnp.zeros((), jnp.int32))
+    i += f
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def count_vector(mask: Any, prunable: Any) -> jax.Array:
+  """The ``[L]`` int32 counts of the prunable leaves of a mask (`layer_count_tree` as a vector)."""
+  return layer_vector(layer_count_tree(mask, prunable), prunable)
+
+
+def stale_copies(held: jax.Array, version: jax.Array, clients: jax.Array) -> jax.Array:
+  """Which clients hold an outdated copy of a mask that the server versions.
+
+  Algorithms whose global mask changes (FedDST, FLASH's JMWST) count a mask download only for a
+  client whose copy is stale: the server keeps ``version`` (how many times the mask changed)
+  and, per client of the population, the version it ``held`` last.
+
+  Args:
+    held: ``[N]`` int32, the version each client holds (-1: none).
+    version: the int32 scalar version of the current mask.
+    clients: ``[K]`` ids of the cohort.
+
+  Returns:
+    ``[K]`` bool: True where the client's copy is not the current one.
+  """
+  return held[clients] != version
+
+
+def delivered(held: jax.Array, version: jax.Array, clients: jax.Array,
+              sent: jax.Array | bool = True) -> jax.Array:
+  """``held`` after the cohort's clients where ``sent`` received the current mask version."""
+  return held.at[clients].set(jnp.where(sent, version, held[clients]))
+
+
+def turnover(new: Any, old: Any, prunable: Any) -> tuple[jax.Array, jax.Array]:
+  """How much of a mask changed: entries ``new`` holds that ``old`` did not.
+
+  Returns:
+    ``(entered, fraction)``: the int32 count of entries that entered (for masks of equal
+    counts, as many left), and it as a float32 fraction of ``old``'s prunable entries.
+  """
+  entered = sum(jnp.sum(m & ~o, dtype=jnp.int32)
+                for m, o in zip(jax.tree.leaves(new), jax.tree.leaves(old)))
+  kept = jnp.maximum(count(old, prunable), 1).astype(jnp.float32)
+  return entered, entered.astype(jnp.float32) / kept
 
 
 def keep_count(density: float, n: int) -> int:

@@ -210,6 +210,14 @@ class _Entry:
   stage: str = 'run'  # where it failed: 'config' (checked again on every run) or 'run'
 
 
+class _MemberFailures(Exception):
+  """Members of a group that cannot run (their own settings fail), by index in the group."""
+
+  def __init__(self, failures: dict[int, Exception]):
+    super().__init__(f'{len(failures)} member(s) cannot run')
+    self.failures = failures
+
+
 class _GroupProgram(loop.Program):
   """The rounds of a group of members mapped over a member axis, each jitted once."""
 
@@ -258,7 +266,14 @@ class _GroupProgram(loop.Program):
     if len(traced) > len(self.values):
       # Traced algorithm hyperparameters (a density): each member's exact counts, computed on
       # the host from its own values, enter the one compiled round as arrays.
-      layouts = [self.member_algorithm(i).layout(p) for i, p in enumerate(params)]
+      layouts, failures = [], {}
+      for i, p in enumerate(params):
+        try:
+          layouts.append(self.member_algorithm(i).layout(p))
+        except ValueError as err:  # e.g. a density that keeps no weight of this model
+          failures[i] = err
+      if failures:
+        raise _MemberFailures(failures)
       shapes = {str(jax.tree.map(np.shape, lay)) for lay in layouts}
       if len(shapes) > 1:
         raise ValueError(f'members\' layouts differ in shape ({sorted(shapes)})')
@@ -507,6 +522,14 @@ def _run_group(group: list[_Entry], traced: tuple[str, ...], strategy: str) -> N
   t0 = time.perf_counter()
   try:
     program = _GroupProgram([e.config for e in group], traced, strategy)
+  except _MemberFailures as err:
+    # Those members alone fail; the others keep their one compile.
+    for i, failure in err.failures.items():
+      _fail_all([group[i]], failure)
+    rest = [e for i, e in enumerate(group) if i not in err.failures]
+    if rest:
+      _run_group(rest, traced, strategy)
+    return
   except Exception as err:  # pylint: disable=broad-except -- recorded per member
     if len(group) > 1:
       # E.g. seeds whose partitions keep different numbers of clients: each member alone.

@@ -10,12 +10,20 @@ broken clause:
   ``clients`` ([K] int32 ids of the population), ``bits_up`` and ``bits_down`` ([K] int32,
   non-negative); ``bits_up_all`` and ``bits_down_all``, where present, are [N] int32.
 * ``round``: the state holds an int32 scalar ``round`` that each round advances by one.
-* ``determinism``: the same state and key give the same state and metrics.
+* ``determinism``: the same key gives the same initial state; the same state and key give the
+  same state and metrics, also from a second compilation of the round.
 * ``retrace``: the jitted round traces once; later rounds reuse the compiled program.
 * ``strategies``: every client mapping strategy (``vmap``, ``chunked``, ``sequential``)
   computes the same round (within float32 reordering; `STRATEGY_METRICS` aside).
 * ``lr_decay``: on round ``t`` the clients train at ``learning_rate · lr_decay^t``: the round
   of a state at ``t`` under ``(η, γ)`` equals the round of that state under ``(η γ^t, 1)``.
+* ``layout`` (algorithms with `fedsparse.algorithms.registry.Spec.traceable` hyperparameters):
+  built with hyperparameters A but the layout of B (as traced arrays), the algorithm computes
+  B's initial state and round -- what a sweep relies on to run members of different densities
+  through one compiled round. B halves each traceable value.
+
+Strategies are compared on round 1 of the ``vmap``, ``chunked`` and ``sequential`` mappings (not
+``sharded``, which needs several devices, nor ``size_groups``).
 
 The repository's tests run it over `fedsparse.algorithms.registry.names`, so a new algorithm
 gets these checks by registering.
@@ -25,6 +33,7 @@ Example:
   >>> testing.check_algorithm('fedavg')
 """
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -39,7 +48,7 @@ from fedsparse.algorithms import registry
 
 __all__ = ['CLAUSES', 'STRATEGY_METRICS', 'check_algorithm', 'tiny_dataset', 'tiny_federated']
 
-CLAUSES = ('metrics', 'round', 'determinism', 'retrace', 'strategies', 'lr_decay')
+CLAUSES = ('metrics', 'round', 'determinism', 'retrace', 'strategies', 'lr_decay', 'layout')
 _STRATEGIES = ('vmap', 'chunked', 'sequential')
 # Metrics that describe how a round was computed, not what: they may differ between strategies.
 STRATEGY_METRICS = ('padding_ratio',)
@@ -71,7 +80,8 @@ def tiny_federated(num_clients: int = 6, method: str = 'dirichlet', alpha: float
 
 
 def _build(name: str, hparams: Any, apply_fn: Any, strategy: str, learning_rate: float,
-           lr_decay: float, clients_per_round: int, num_rounds: int) -> engine.Algorithm:
+           lr_decay: float, clients_per_round: int, num_rounds: int,
+           layout: Any = None) -> engine.Algorithm:
   spec = registry.get(name)
   common = registry.Common(
       apply_fn=apply_fn,
@@ -79,7 +89,8 @@ def _build(name: str, hparams: Any, apply_fn: Any, strategy: str, learning_rate:
       local=engine.LocalConfig(batch_size=4, local_epochs=2),
       learning_rate=learning_rate, lr_decay=lr_decay,
       server_optimizer=optax.sgd(1.0, momentum=0.9 if spec.server_momentum else None),
-      mapping=engine.ClientMapping(strategy, chunk_size=2), num_rounds=num_rounds)
+      mapping=engine.ClientMapping(strategy, chunk_size=2), num_rounds=num_rounds,
+      layout=layout)
   return spec.build(hparams, common)
 
 
@@ -139,8 +150,9 @@ def check_algorithm(name: str, hparams: dict[str, Any] | None = None, *,
   params = model.init(jax.random.key(0), jnp.zeros((1, 4, 4, 1), jnp.float32))['params']
   k, n, rounds, lr, decay = 3, data.num_clients, 6, 0.1, 0.5
 
-  def build(strategy='sequential', learning_rate=lr, lr_decay=decay):
-    return _build(name, hp, model.apply, strategy, learning_rate, lr_decay, k, rounds)
+  def build(strategy='sequential', learning_rate=lr, lr_decay=decay, hparams=hp, layout=None):
+    return _build(name, hparams, model.apply, strategy, learning_rate, lr_decay, k, rounds,
+                  layout)
 
   algorithm = build()
   traces = []
@@ -185,11 +197,12 @@ def check_algorithm(name: str, hparams: dict[str, Any] | None = None, *,
   _check('retrace', len(traces) == 1, f'the jitted round traced {len(traces)} times in 3 rounds '
          '(a state whose dtypes, shapes or structure change from round to round).')
 
-  # determinism: a second compilation of the round, run twice.
+  # determinism: init again; a second compilation of the round.
+  _close('determinism', algorithm.init(jax.random.key(1), params, data), states[0], 0.0,
+         'a repeated init')
   fresh = jax.jit(algorithm.round)
-  want = fresh(states[2], data, keys[2])
-  _close('determinism', fresh(states[2], data, keys[2]), want, 0.0, 'a repeated round')
-  _close('determinism', jitted(states[2], data, keys[2]), want, 0.0, 'a recompiled round')
+  _close('determinism', fresh(states[2], data, keys[2]), jitted(states[2], data, keys[2]), 0.0,
+         'a recompiled round')
 
   # strategies
   want = fresh(states[1], data, keys[1])
@@ -207,3 +220,21 @@ def check_algorithm(name: str, hparams: dict[str, Any] | None = None, *,
            undecayed(states[t], keys[t], jnp.float32(lr * decay ** t)), rtol,
            f'round {t} at (learning_rate={lr}, lr_decay={decay}) vs at '
            f'(learning_rate={lr * decay ** t}, lr_decay=1):')
+
+  # layout
+  if spec.traceable:
+    _check('layout', algorithm.layout is not None,
+           f'the spec names traceable hyperparameters {spec.traceable} but the algorithm has '
+           'no layout.')
+    other = dataclasses.replace(hp, **{f: getattr(hp, f) / 2 for f in spec.traceable})
+    target = build(hparams=other)
+    arrays = jax.tree.map(jnp.asarray, target.layout(params))
+    borrowed = build(layout=arrays)
+    init_b = target.init(jax.random.key(1), params, data)
+    _close('layout', borrowed.init(jax.random.key(1), params, data), init_b, 0.0,
+           f'init with the layout of {other}:')
+    via_layout = jax.jit(lambda state_, key_, layout_: build(layout=layout_).round(
+        state_, data, key_))
+    _close('layout', via_layout(init_b, keys[0], arrays),
+           jax.jit(target.round)(init_b, data, keys[0]), rtol,
+           f'the round with the (traced) layout of {other}:')

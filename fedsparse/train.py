@@ -48,7 +48,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
   time holds a workdir (`fedsparse.workdir.lock`).
 
   Args:
-    config: a flat experiment config (see the module docstring).
+    config: a flat experiment config (its keys: `fedsparse.experiment`).
     workdir: receives ``config.json``, ``metrics.jsonl``, TensorBoard event files and
       ``checkpoints/``.
     overwrite: delete the workdir's previous metrics, checkpoints and config first.

@@ -1,8 +1,8 @@
 """A run's working directory: one run at a time, and never out of step with what produced it.
 
 A workdir holds ``config.json`` (the resolved config of the run), ``metrics.jsonl`` (one JSON
-line per round) and ``checkpoints/``. The run loop (`fedsparse.train.run`, `fedsparse.sweep`) keeps them
-consistent with the helpers here:
+line per round) and ``checkpoints/``. The run loop (`fedsparse.loop`, driven by
+`fedsparse.train.run` and `fedsparse.sweep`) keeps them consistent with the helpers here:
 
 * `lock`: an exclusive, non-blocking lock (``fcntl.flock`` on ``.lock``), so a second run on the
   same workdir fails at once, naming the process that holds it. The OS releases the lock when

@@ -42,3 +42,10 @@ def mnist_npz():
   if not path.exists():
     pytest.skip(f"{path} not found (../shared/data is not beside this checkout)")
   return path
+
+
+def pytest_collection_modifyitems(config, items):
+  """Runs the slow tests first: under xdist the workers then fill in with the quick ones instead
+  of waiting, at the end, on one worker's long test."""
+  del config
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

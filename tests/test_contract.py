@@ -11,6 +11,7 @@ import pytest
 from fedsparse import algorithms
 from fedsparse import testing
 from fedsparse.algorithms.fedavg import FedAvgState, fedavg
+from fedsparse.algorithms.ssfl import SSFLHparams, ssfl
 from fedsparse.algorithms import registry
 
 # Settings that reach more of an algorithm in three toy rounds (the paper's defaults readjust,
@@ -67,17 +68,33 @@ def _broken(hp, common):
   return alg._replace(round=round_fn)
 
 
+def _ssfl_ignoring_layout(hp, common):
+  """SSFL that derives its counts from its own density even when given a layout."""
+  kwargs = {k: v for k, v in common.kwargs().items() if k != 'layout'}
+  return ssfl(common.apply_fn, **kwargs, **dataclasses.asdict(hp))
+
+
 @pytest.fixture(name='broken')
 def broken_fixture():
-  """A plugin algorithm registered for the test only (FedAvg with one clause broken)."""
+  """Plugin algorithms registered for the test only: FedAvg with one clause broken, and an SSFL
+  that ignores the layout it is given (the `layout` clause)."""
   registry.register(registry.Spec(name='broken_for_tests', hparams=BrokenHparams, build=_broken,
                                   summary='FedAvg with one clause of the contract broken'))
-  yield 'broken_for_tests'
+  registry.register(registry.Spec(
+      name='ssfl_ignoring_layout', hparams=SSFLHparams, build=_ssfl_ignoring_layout,
+      traceable=('density',), summary='SSFL deaf to its layout'))
+  yield
   registry.unregister('broken_for_tests')
+  registry.unregister('ssfl_ignoring_layout')
 
 
 @pytest.mark.parametrize('clause', testing.CLAUSES)
-def test_the_contract_catches_an_algorithm_that_breaks_each_clause(clause, broken):
+@pytest.mark.usefixtures('broken')
+def test_the_contract_catches_an_algorithm_that_breaks_each_clause(clause):
+  if clause == 'layout':
+    with pytest.raises(AssertionError, match='^layout:'):
+      testing.check_algorithm('ssfl_ignoring_layout')
+    return
   with pytest.raises(AssertionError, match=f'^{clause}:'):
-    testing.check_algorithm(broken, {'clause': clause})
-  testing.check_algorithm(broken)  # unbroken, it passes
+    testing.check_algorithm('broken_for_tests', {'clause': clause})
+  testing.check_algorithm('broken_for_tests')  # unbroken, it passes

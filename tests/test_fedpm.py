@@ -388,6 +388,7 @@ def test_run_logs_coded_uplink_beside_its_estimate_and_resumes(tmp_path):
   assert not (tmp_path / 'resumed' / train.MODEL_FILE).exists()
 
 
+@pytest.mark.slow
 def test_kept_adam_states_and_accumulated_posteriors_resume_exactly(tmp_path):
   config = load_config('mnist_fedpm')
   config.dataset, config.model, config.batch_size, config.local_epochs = 'digits', 'mlp', 64, 1

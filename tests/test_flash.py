@@ -600,6 +600,7 @@ def test_exclude_layers_stay_dense():
 # Runs.
 
 
+@pytest.mark.slow
 def test_run_bits_budgets_and_resume(tmp_path):
   config = load_config('mnist_flash')
   config.dataset, config.model = 'digits', 'mlp'

@@ -179,7 +179,7 @@ def test_allocate_erk_budget_on_conv_net():
 
 def test_allocate_rejects_bad_inputs():
   params, prunable = two_kernels()
-  with pytest.raises(ValueError, match="'uniform', 'erk'"):
+  with pytest.raises(ValueError, match='valid: uniform, erk, proportional'):
     masks.allocate_densities(params, prunable, 0.5, method='snip')
   with pytest.raises(ValueError, match=r'\(0, 1\]'):
     masks.allocate_densities(params, prunable, 0.0)
@@ -220,7 +220,7 @@ def test_topk_mask_exact_count_with_many_ties():
 
 
 def test_topk_mask_rejects_bad_inputs():
-  with pytest.raises(ValueError, match="'index', 'keep'"):
+  with pytest.raises(ValueError, match='valid: index, keep'):
     masks.topk_mask(jnp.ones(3), 1, ties='random')
   with pytest.raises(ValueError, match='non-negative'):
     masks.topk_mask(jnp.ones(3), -1)
@@ -361,9 +361,9 @@ def test_random_mask_inclusion_is_uniform():
 def test_random_mask_rejects_bad_inputs():
   params, prunable = two_kernels()
   key = jax.random.key(0)
-  with pytest.raises(ValueError, match="'global', 'layerwise'"):
+  with pytest.raises(ValueError, match='valid: global, layerwise'):
     masks.random_mask(key, params, prunable, 0.5, scope='per-leaf')
-  with pytest.raises(ValueError, match="'uniform', 'erk'"):
+  with pytest.raises(ValueError, match='valid: uniform, erk, proportional'):
     masks.random_mask(key, params, prunable, 0.5, scope='layerwise', allocation='er')
   with pytest.raises(ValueError, match=r'\(0, 1\]'):
     masks.random_mask(key, params, prunable, 1.2)

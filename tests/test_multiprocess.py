@@ -123,6 +123,7 @@ def _files(workdir: pathlib.Path) -> list[str]:
                 for p in workdir.iterdir())
 
 
+@pytest.mark.slow
 def test_two_processes_compute_what_one_process_with_two_devices_does(tmp_path):
   """2 rounds in 2 processes, resumed to 4: the rows of 4 rounds in 1 process, 2 devices."""
   reference, workdir, logs = tmp_path / 'reference', tmp_path / 'multi', tmp_path / 'logs'

@@ -56,6 +56,7 @@ def kernel_env(tmp_path, monkeypatch):
   return cwd, out
 
 
+@pytest.mark.slow
 def test_quickstart_runs(kernel_env):
   nbformat = pytest.importorskip('nbformat')
   cwd, out = kernel_env

@@ -101,6 +101,10 @@ def test_every_algorithms_members_equal_separate_runs(algorithm, tmp_path, monke
     name = sweep.member_name(m)
     train.run(sweep.member_config(base, m), tmp_path / name)
     assert_rows_close(rows_of(tmp_path / 'sweep' / name), rows_of(tmp_path / name), 1e-5)
+    if m is members[0]:
+      # A sweep of one member is the same experiment as the run (the same builder): bit for bit.
+      sweep.run_sweep(base, [m], tmp_path / 'one', strategy='sequential')
+      assert_rows_close(rows_of(tmp_path / 'one' / name), rows_of(tmp_path / name), 0.0)
     # The config a member records is its own: resuming it alone with train.run is allowed.
     assert (json.loads((tmp_path / 'sweep' / name / 'config.json').read_text())
             == json.loads((tmp_path / name / 'config.json').read_text()))
@@ -127,15 +131,15 @@ def test_every_traceable_key_is_traced_per_member(strategy, tmp_path, monkeypatc
 
 
 # Each algorithm's traceable hyperparameter (registry Spec.traceable), two values, plus settings
-# that exercise every count the layout carries.
+# that exercise every count the layout carries (SSFL's saliency mask: the ssfl_density test).
 DENSITY_SWEEPS = {
-    'ssfl': ('ssfl.density', [0.3, 0.1], {}),
     'ssfl_keep_ties': ('ssfl.density', [0.3, 0.1], {'ties': 'keep', 'warmup_rounds': 1}),
     'ssfl_layerwise': ('ssfl.density', [0.3, 0.1],
                        {'mask': 'random_layerwise', 'layerwise_allocation': 'erk'}),
-    'feddst': ('feddst.sparsity', [0.7, 0.9], {'readjust_every': 1, 'readjust_end': 3}),
+    'feddst': ('feddst.sparsity', [0.7, 0.9], {'readjust_every': 1, 'readjust_end': 2}),
     'random_mask': ('random_mask.sparsity', [0.5, 0.8], {}),
-    'flash': ('flash.density', [0.3, 0.15], {'mode': 'jmwst', 'hunt_epochs': 1}),
+    'flash_jmwst': ('flash.density', [0.3, 0.15], {'mode': 'jmwst', 'hunt_epochs': 1}),
+    'flash_pdst': ('flash.density', [0.3, 0.15], {'mode': 'pdst'}),
 }
 
 
@@ -145,7 +149,7 @@ def test_a_density_sweep_is_one_group_of_exact_members(case, tmp_path, monkeypat
   compiles = count_compiles(monkeypatch)
   key, values, extra = DENSITY_SWEEPS[case]
   algorithm = key.split('.')[0]
-  base = digits(rounds=4, algorithm=algorithm)
+  base = digits(rounds=3 if algorithm == 'feddst' else 2, algorithm=algorithm)
   for name, value in extra.items():
     base[algorithm][name] = value
   members = sweep.zipit(sweep.sweep('seed', [0, 1]), sweep.sweep(key, values))
@@ -157,6 +161,7 @@ def test_a_density_sweep_is_one_group_of_exact_members(case, tmp_path, monkeypat
   assert len(densities) == 2  # the members really kept different counts
 
 
+@pytest.mark.slow
 def test_the_ssfl_density_sweep_compiles_once_for_its_12_members(tmp_path, monkeypatch,
                                                                   caplog):
   """experiments/sweeps/ssfl_density.py on mnist_ssfl:smoke: one group, one compile, and each
@@ -178,12 +183,14 @@ def test_the_ssfl_density_sweep_compiles_once_for_its_12_members(tmp_path, monke
   assert len({r['final_train_loss'] for r in rows}) == 12
 
 
-def test_members_whose_density_keeps_no_weight_fail_alone(tmp_path):
+def test_members_whose_density_keeps_no_weight_fail_alone(tmp_path, monkeypatch):
+  compiles = count_compiles(monkeypatch)
   base = digits(rounds=2, algorithm='ssfl')
-  members = sweep.sweep('ssfl.density', [0.3, 1e-7])
+  members = sweep.sweep('ssfl.density', [0.3, 1e-7, 0.1])
   rows = sweep.run_sweep(base, members, tmp_path, strategy='sequential')
-  assert [r['status'] for r in rows] == ['done', 'failed']
+  assert [r['status'] for r in rows] == ['done', 'failed', 'done']
   assert 'keeps no weight' in rows[1]['error']
+  assert compiles == [2]  # the others still share one compile
 
 
 def test_static_differences_make_groups(tmp_path, monkeypatch):
@@ -313,6 +320,7 @@ def test_a_grown_sweep_resumes_from_checkpoints(tmp_path):
     assert_rows_close(rows_of(tmp_path / 'cut' / name), rows_of(tmp_path / 'full' / name), 0)
 
 
+@pytest.mark.slow
 def test_cli_killed_mid_sweep_resumes_to_the_same_numbers(tmp_path):
   sweep_file = tmp_path / 'lr.py'
   sweep_file.write_text(

@@ -102,7 +102,12 @@ def check_golden(name: str, rows: list[dict]) -> None:
         assert got == value, (row['round'], key)
 
 
-@pytest.mark.parametrize('name', CONFIGS)
+# The CIFAR and EMNIST models take a minute or more to compile on a 2-core CPU.
+SLOW_CONFIGS = ('cifar', 'emnist', 'mnist_fedpm')
+
+
+@pytest.mark.parametrize('name', [
+    pytest.param(n, marks=pytest.mark.slow) if n.startswith(SLOW_CONFIGS) else n for n in CONFIGS])
 def test_smoke_config_runs_end_to_end(name, tmp_path):
   config = load_config(name)
   config.dataset = smoke_dataset(config, tmp_path)
@@ -131,6 +136,7 @@ def test_bits_follow_the_dense_formula(tmp_path):
     assert row['cum_bits_up'] == row['cum_bits_down'] == t * per_round
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics_and_resume_matches(tmp_path):
   config = load_config('digits_fedavg')
   config.num_rounds = 4

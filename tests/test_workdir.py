@@ -187,10 +187,10 @@ def test_logs_are_quiet(tmp_path):
   assert 'orbax' not in out.stderr.lower() and 'Unable to initialize backend' not in out.stderr
   assert out.stderr.count('ETA') == 3  # progress lines are kept
   # INFO lines come from the run loop only (progress, data and model, compile time): none per
-  # checkpoint save. Absl's INFO prefix names the source file: "I1122 00:00:00.0 123 train.py:9]".
+  # checkpoint save. Absl's INFO prefix names the source file: "I1122 00:00:00.0 123 loop.py:9]".
   sources = {m.group(1) for m in re.finditer(r'^I\d{4} [\d:.]+ +\d+ (\S+?):\d+\]', out.stderr,
                                              re.M)}
-  assert sources == {'train.py'}, out.stderr
+  assert sources == {'loop.py'}, out.stderr
 
 
 def test_a_run_cut_to_its_checkpoint_evaluates_the_final_round(tmp_path, capsys):
@@ -219,6 +219,7 @@ def test_a_failed_start_does_not_tie_the_workdir_to_its_config(tmp_path):
   assert json.loads((workdir / 'config.json').read_text())['learning_rate'] == 0.05
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config', ['digits_fedavg', 'mnist_ssfl'])
 def test_kill_9_at_a_random_moment_then_rerun_reproduces_the_run(config, tmp_path):
   # 200 local steps per client make each round take a visible time, so the kills land inside

@@ -37,7 +37,8 @@ from fedsparse import masks
 from fedsparse.algorithms import registry
 from fedsparse.data import FederatedData
 from fedsparse.engine import (Algorithm, Broadcast, ClientMapping, CohortConfig, LocalConfig,
-                              aggregation_weights, draw_cohort, run_clients, sgd_client,
+                              aggregation_weights, cohort_metrics, draw_cohort, run_clients,
+                              sgd_client,
                               weighted_mean)
 
 __all__ = ['FedAvgHparams', 'FedAvgMHparams', 'FedAvgState', 'RoundCore', 'client_learning_rate',
@@ -95,8 +96,7 @@ def fedavg_round_core(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfi
     params = optax.apply_updates(params, updates)
     if mask is not None:
       params = masks.apply(params, mask)
-    metrics = {'train_loss': jnp.sum(weights * result.loss), 'client_loss': result.loss,
-               'clients': drawn.clients, 'padding_ratio': result.padding_ratio}
+    metrics = cohort_metrics(result, drawn.clients, weights)
     return params, opt_state, metrics
 
   return core, server_optimizer

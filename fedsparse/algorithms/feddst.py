@@ -111,11 +111,11 @@ from fedsparse.algorithms import registry
 from fedsparse.algorithms.fedavg import client_learning_rate
 from fedsparse.data import FederatedData
 from fedsparse.engine import (ENFORCEMENTS, Algorithm, ClientMapping, ClientProgram, CohortConfig,
-                              LocalConfig, aggregation_weights, client_optimizer, draw_cohort,
-                              enforcement_transform, run_clients, steps_per_epoch,
-                              supervised_loss)
+                              LocalConfig, aggregation_weights, cohort_metrics, draw_cohort,
+                              masked_client,
+                              run_clients)
 
-__all__ = ['INITIAL_MASKS', 'FedDSTBroadcast', 'FedDSTCarry', 'FedDSTHparams', 'FedDSTState',
+__all__ = ['INITIAL_MASKS', 'FedDSTBroadcast', 'FedDSTHparams', 'FedDSTState',
            'RandomMaskHparams', 'alpha_schedule', 'client_readjust', 'feddst', 'feddst_layout',
            'prune_counts', 'readjust_rounds', 'server_merge']
 
@@ -212,14 +212,6 @@ class FedDSTBroadcast(NamedTuple):
   prune_counts: Any  # int32 scalar per leaf: n_l this round (0 at non-prunable leaves)
 
 
-class FedDSTCarry(NamedTuple):
-  """A client's loop state."""
-  params: Any
-  opt_state: optax.OptState
-  mask: Any
-  grad: Any  # ∂L/∂w of the last minibatch (dense), for regrowth
-
-
 def alpha_schedule(t: int, alpha: float, end: int, constant: bool = False) -> float:
   """``α_t = (α / 2)(1 + cos(π t / R_end))`` for ``t < R_end`` (``α`` if ``constant``), else 0."""
   if t >= end:
@@ -277,7 +269,8 @@ def server_merge(client_params: Any, client_masks: Any, weights: jax.Array, targ
     client_params: the uploaded weights, leaves with a leading ``[K]`` client axis.
     client_masks: the uploaded bool masks, same shapes.
     weights: ``[K]`` aggregation weights (``n_k``, normalised or not).
-    targets: per-leaf kept counts ``k_l`` (Python ints; non-prunable leaves are ignored).
+    targets: per-leaf kept counts ``k_l`` (ints or int32 scalars, traced allowed; non-prunable
+      leaves are ignored).
     prunable: the prunable flags.
     vote_threshold: an entry is voted in when ``Σ_k a_k m_k / Σ_k a_k`` exceeds it.
 
@@ -308,47 +301,18 @@ def _feddst_program(apply_fn: Callable[..., jax.Array], local: LocalConfig, hp: 
                     prunable: Callable[..., bool] | None) -> ClientProgram:
   """The client: masked local SGD, readjusting its mask at the end of one local epoch."""
 
-  def make_optimizer(ctx):
-    return client_optimizer(local, ctx.shared.learning_rate,
-                            steps_per_epoch(ctx.client.size, local.batch_size))
+  def readjust(state, ctx, steps_done, key):
+    del steps_done, key
+    return client_readjust(state.params, state.mask, state.grad, ctx.shared.prune_counts,
+                           masks.prunable_leaves(state.params, prunable))
 
-  def init(ctx, key):
-    del key
-    params = ctx.shared.params
-    return FedDSTCarry(params, make_optimizer(ctx).init(params), ctx.shared.mask,
-                       jax.tree.map(jnp.zeros_like, params))
+  def at(ctx, info):
+    return ctx.shared.readjust & (info.last if hp.readjust_epoch < 0
+                                  else info.epoch == hp.readjust_epoch)
 
-  def update(carry, grads, ctx, info, key):
-    del info, key
-    updates, opt_state = make_optimizer(ctx).update(grads.params, carry.opt_state, carry.params)
-    params = optax.apply_updates(carry.params, updates)
-    if hp.mask_enforcement == 'step':
-      params = masks.apply(params, carry.mask)
-    # The dense gradient (also at pruned entries, which the regrowth ranks); only the last
-    # minibatch's survives to the epoch's end.
-    return FedDSTCarry(params, opt_state, carry.mask, grads.effective)
-
-  def readjust(carry, ctx):
-    prunable_ = masks.prunable_leaves(carry.params, prunable)
-    params, mask, grown = client_readjust(carry.params, carry.mask, carry.grad,
-                                          ctx.shared.prune_counts, prunable_)
-    opt_state = masks.reset_moments(make_optimizer(ctx), carry.opt_state, grown)
-    return FedDSTCarry(params, opt_state, mask, carry.grad)
-
-  def epoch_end(carry, ctx, info, key):
-    del key
-    at = info.last if hp.readjust_epoch < 0 else info.epoch == hp.readjust_epoch
-    # A cond, not a select: the ranking sorts every layer, which most epochs skip.
-    return jax.lax.cond(ctx.shared.readjust & at, readjust, lambda c, _: c, carry, ctx)
-
-  def final(carry, ctx, key):
-    del ctx, key
-    return masks.apply(carry.params, carry.mask), carry.mask
-
-  transform = enforcement_transform(hp.mask_enforcement, lambda carry, ctx: carry.mask)
-  return ClientProgram(init=init, trainable=lambda carry: carry.params, transform=transform,
-                       loss=supervised_loss(apply_fn), update=update, final=final,
-                       epoch_end=epoch_end)
+  return masked_client(apply_fn, local, enforce=hp.mask_enforcement,
+                       start=lambda ctx: (ctx.shared.params, ctx.shared.mask),
+                       rewire=readjust, rewire_at_epoch_end=at, keep_grad=True)
 
 
 def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: LocalConfig,
@@ -388,7 +352,6 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
     end = num_rounds // 2
   _check_readjust_epoch(hp.readjust_epoch, local.num_epochs)
   program = _feddst_program(apply_fn, local, hp, prunable)
-  k = cohort.clients_per_round
 
   def counts(params):
     return layout if layout is not None else feddst_layout(hp, params, prunable, end)
@@ -411,18 +374,13 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
   def round_fn(state: FedDSTState, data: FederatedData, key: jax.Array
                ) -> tuple[FedDSTState, dict[str, jax.Array]]:
     prunable_ = masks.prunable_leaves(state.params, prunable)
-    flags = jax.tree.leaves(prunable_)
     plan = counts(state.params)
     targets = plan['targets']
     table = jnp.asarray(plan['schedule'])
     row = table[jnp.clip(state.round, 0, table.shape[0] - 1)]
     row = jnp.where(state.round < end, row, 0)
     readjust = jnp.any(row > 0)
-    counts_, i = [], 0
-    for f in flags:
-      counts_.append(row[i] if f else jnp.zeros((), jnp.int32))
-      i += bool(f)
-    counts_ = jax.tree.unflatten(jax.tree.structure(state.params), counts_)
+    counts_ = masks.layer_tree(row, state.params, prunable_)
 
     drawn = draw_cohort(key, data.num_clients, cohort)
     lr = client_learning_rate(learning_rate, lr_decay, state.round)
@@ -434,11 +392,11 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
     params, mask = server_merge(client_params, client_masks, weights, targets, prunable_,
                                 hp.vote_threshold)
 
-    entered = sum(jnp.sum(m & ~old, dtype=jnp.int32)
-                  for m, old in zip(jax.tree.leaves(mask), jax.tree.leaves(state.mask)))
+    entered, turnover = masks.turnover(mask, state.mask, prunable_)
     changed = entered > 0
-    stale = state.client_mask_version[drawn.clients] != state.mask_version
-    client_version = state.client_mask_version.at[drawn.clients].set(state.mask_version)
+    stale = masks.stale_copies(state.client_mask_version, state.mask_version, drawn.clients)
+    client_version = masks.delivered(state.client_mask_version, state.mask_version,
+                                     drawn.clients)
 
     # Bits: formulas of the per-layer counts (the layout's), selected by traced flags.
     values, mask_bits = plan['value_bits'], plan['mask_bits']
@@ -447,18 +405,16 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
     t = state.round.astype(jnp.float32)
     alpha_t = (jnp.float32(hp.alpha) if hp.constant_alpha
                else hp.alpha / 2 * (1 + jnp.cos(jnp.pi * t / max(end, 1))))
-    metrics = {
-        'train_loss': jnp.sum(weights * result.loss), 'client_loss': result.loss,
-        'clients': drawn.clients, 'padding_ratio': result.padding_ratio,
-        'bits_up': comm.per_client(bits_up, k), 'bits_down': comm.per_client(bits_down, k),
+    metrics = cohort_metrics(result, drawn.clients, weights, bits_up=bits_up,
+                             bits_down=bits_down)
+    metrics.update({
         'density': masks.density(mask, prunable_),
         'readjusted': readjust.astype(jnp.float32),
         'alpha': jnp.where(readjust, alpha_t, 0.0),
-        'mask_turnover': entered.astype(jnp.float32) / jnp.maximum(plan['kept'], 1).astype(
-            jnp.float32),
+        'mask_turnover': turnover,
         'mask_bits': jnp.asarray(mask_bits, jnp.int32),
         'mask_encoding': jnp.asarray(plan['mask_encoding'], jnp.int32),
-    }
+    })
     new_state = FedDSTState(params=params, mask=mask, round=state.round + 1,
                             mask_version=state.mask_version + changed.astype(jnp.int32),
                             client_mask_version=client_version)
@@ -484,7 +440,7 @@ def feddst_layout(hp: FedDSTHparams, params: Any, prunable: Callable[..., bool] 
     client prunes and regrows on round ``t`` (0 off the readjustment rounds), capped at each
     layer's inactive entries -- a dense layer (ERK makes small layers dense) has nothing to
     regrow into, and pruning it would only regrow the same entries at 0, wiping their weights
-    (RigL skips dense layers the same way); ``kept``: ``Σ k_l``; ``value_bits``: a round's
+    (RigL skips dense layers the same way); ``value_bits``: a round's
     float32 values (kept weights and dense leaves); ``mask_bits`` and ``mask_encoding``: the
     mask message's size under its cheapest encoding (`fedsparse.comm.mask_message_bits`).
 
@@ -494,10 +450,8 @@ def feddst_layout(hp: FedDSTHparams, params: Any, prunable: Callable[..., bool] 
   prunable_ = masks.prunable_leaves(params, prunable)
   densities = masks.allocate_densities(params, prunable_, 1.0 - hp.sparsity, hp.allocation)
   targets = masks.layer_counts(params, prunable_, densities)
-  flags = jax.tree.leaves(prunable_)
-  shapes = [np.shape(w) for w in jax.tree.leaves(params)]
-  ks = [kk for kk, f in zip(jax.tree.leaves(targets), flags) if f]
-  sizes = [int(np.prod(sh)) for sh, f in zip(shapes, flags) if f]
+  ks = [kk for kk, f in zip(jax.tree.leaves(targets), jax.tree.leaves(prunable_)) if f]
+  sizes = masks.prunable_sizes(params, prunable_)
   if sum(ks) < 1:
     raise ValueError(f'sparsity {hp.sparsity} keeps no prunable weight; lower it.')
   on = set(readjust_rounds(end, hp.readjust_every, end))
@@ -505,13 +459,13 @@ def feddst_layout(hp: FedDSTHparams, params: Any, prunable: Callable[..., bool] 
               prune_counts(ks, alpha_schedule(t, hp.alpha, end, hp.constant_alpha)), sizes, ks)]
           if t in on else [0] * len(ks)
           for t in range(max(end, 1))]
-  dense = sum(int(np.prod(sh)) for sh, f in zip(shapes, flags) if not f)
+  dense = comm.num_elements(params) - sum(sizes)
   value_bits = comm.check_int32(comm.FLOAT_BITS * (sum(ks) + dense))
   mask_bits, encoding = comm.mask_message_bits(sizes, ks)
   comm.check_int32(value_bits + mask_bits)
   return {'targets': targets,
           'schedule': np.asarray(rows, np.int32).reshape(max(end, 1), len(ks)),
-          'kept': sum(ks), 'value_bits': value_bits, 'mask_bits': mask_bits,
+          'value_bits': value_bits, 'mask_bits': mask_bits,
           'mask_encoding': comm.MASK_ENCODINGS.index(encoding)}
 
 

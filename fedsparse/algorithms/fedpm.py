@@ -103,7 +103,8 @@ from fedsparse.algorithms import registry
 from fedsparse.algorithms.fedavg import client_learning_rate
 from fedsparse.data import FederatedData
 from fedsparse.engine import (Algorithm, ClientMapping, ClientProgram, CohortConfig, LocalConfig,
-                              bernoulli_mask, draw_cohort, run_clients, supervised_loss)
+                              bernoulli_mask, cohort_metrics, draw_cohort, run_clients,
+                              supervised_loss)
 
 __all__ = ['ADAM_STATES', 'DOWNLINKS', 'EXPORT_FORMAT', 'PRIOR_RESETS', 'UPLINK_CODERS', 'FedPMBroadcast',
            'FedPMCarry', 'FedPMHparams', 'FedPMState', 'beta_posterior', 'export_model',
@@ -402,17 +403,17 @@ def fedpm(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
 
     flat = flatten_mask(samples)  # [K, P] bool: what each client sends, coded on the host
     down = comm.dense_bits(state.scores) if hp.downlink == 'dense' else 0  # else: on the host
-    metrics = {
-        'train_loss': jnp.mean(result.loss), 'client_loss': result.loss,
-        'clients': drawn.clients, 'padding_ratio': result.padding_ratio,
-        'bits_up': jnp.zeros((k,), jnp.int32), 'bits_down': comm.per_client(down, k),
+    # The uplink's bits are the coded masks' lengths, added on the host (`host_bits`).
+    metrics = cohort_metrics(result, drawn.clients, None, bits_up=0,
+                             bits_down=comm.per_client(down, k))
+    metrics.update({
         'density': jnp.mean(flat.astype(jnp.float32)),
         'theta_mean': jnp.mean(jnp.concatenate([t.reshape(-1) for t in jax.tree.leaves(theta)])),
         'payload_masks': flat,
         'payload_counts': state.counts,  # what made the scores the cohort downloads
         'payload_theta': jnp.concatenate([jax.nn.sigmoid(s).reshape(-1)
                                           for s in jax.tree.leaves(state.scores)]),
-    }
+    })
     new_state = state._replace(scores=scores, alpha=alpha, beta=beta, client_opt=client_opt,
                                round=state.round + 1,
                                counts=jnp.sum(flat, axis=0, dtype=jnp.int32))

@@ -139,13 +139,14 @@ from fedsparse.algorithms import registry
 from fedsparse.algorithms.fedavg import client_learning_rate
 from fedsparse.data import FederatedData
 from fedsparse.engine import (ENFORCEMENTS, Algorithm, ClientMapping, ClientProgram, CohortConfig,
-                              LocalConfig, aggregation_weights, client_optimizer, draw_cohort,
-                              enforcement_transform, jit, run_clients,
-                              steps_per_epoch, supervised_loss, weighted_mean)
+                              LocalConfig, aggregation_weights, cohort_metrics, draw_cohort, jit,
+                              masked_client,
+                              run_clients, weighted_mean)
 
-__all__ = ['AGGREGATIONS', 'BUDGET_ASSIGNMENTS', 'MODES', 'FLASHBroadcast', 'FLASHCarry',
-           'FLASHHparams', 'FLASHState', 'budget_masks', 'flash', 'flash_layout', 'hunted_counts',
-           'nst_prune_regrow', 'prune_counts', 'rate_fraction', 'slot_budgets']
+__all__ = ['AGGREGATIONS', 'BUDGET_ASSIGNMENTS', 'MODES', 'FLASHBroadcast', 'FLASHHparams',
+           'FLASHState', 'budget_masks', 'budget_models', 'flash', 'flash_layout',
+           'hunted_counts', 'mask_consensus', 'mask_message_bits', 'nst_prune_regrow',
+           'prune_counts', 'rate_fraction', 'server_average', 'slot_budgets']
 
 MODES = ('spdst', 'jmwst', 'pdst')
 AGGREGATIONS = ('mean', 'masked_mean')
@@ -268,34 +269,8 @@ class FLASHBroadcast(NamedTuple):
   nst: jax.Array  # bool scalar: clients prune and regrow this round
 
 
-class FLASHCarry(NamedTuple):
-  """A client's loop state."""
-  params: Any
-  opt_state: optax.OptState
-  mask: Any
-
-
 # --------------------------------------------------------------------------------------------------
 # The pieces, public for tests and reuse.
-
-
-def _prunable_sizes(params: Any, prunable: Any) -> list[int]:
-  return [int(np.prod(np.shape(w))) for w, f in zip(jax.tree.leaves(params),
-                                                     jax.tree.leaves(prunable)) if f]
-
-
-def _layer_vector(tree: Any, prunable: Any) -> jax.Array:
-  """The prunable leaves' scalars of a per-leaf tree as an ``[L]`` vector."""
-  return jnp.stack([x for x, f in zip(jax.tree.leaves(tree), jax.tree.leaves(prunable)) if f])
-
-
-def _layer_tree(vector: jax.Array, like: Any, prunable: Any) -> Any:
-  """An ``[L]`` vector back to a per-leaf tree of int32 scalars (0 at non-prunable leaves)."""
-  out, i = [], 0
-  for f in jax.tree.leaves(prunable):
-    out.append(vector[i] if f else jnp.zeros((), jnp.int32))
-    i += bool(f)
-  return jax.tree.unflatten(jax.tree.structure(like), out)
 
 
 def rate_fraction(rate: float) -> fractions_lib.Fraction:
@@ -353,7 +328,7 @@ def nst_prune_regrow(params: Any, mask: Any, rate: float | tuple[Any, Any], prun
     ``grown`` marks the regrown entries (their optimizer moments must be reset). The total
     count is unchanged.
   """
-  nnz = _layer_vector(masks.layer_count_tree(mask, prunable), prunable)
+  nnz = masks.count_vector(mask, prunable)
   if not isinstance(rate, tuple):
     rate = rate_fraction(rate)
     rate = (rate.numerator, rate.denominator)
@@ -362,10 +337,10 @@ def nst_prune_regrow(params: Any, mask: Any, rate: float | tuple[Any, Any], prun
       jnp.sum(jnp.where(m, jnp.abs(w), 0.0)) / jnp.maximum(jnp.sum(m), 1).astype(jnp.float32)
       for w, m, f in zip(jax.tree.leaves(params), jax.tree.leaves(mask), jax.tree.leaves(prunable))
       if f])
-  kept = masks.prune_smallest(params, mask, _layer_tree(drop, params, prunable), prunable)
-  room = jnp.asarray(_prunable_sizes(params, prunable), jnp.int32) - (nnz - drop)
+  kept = masks.prune_smallest(params, mask, masks.layer_tree(drop, params, prunable), prunable)
+  room = jnp.asarray(masks.prunable_sizes(params, prunable), jnp.int32) - (nnz - drop)
   grow = masks.apportion(jnp.sum(drop), mean_abs, room)
-  new_mask, grown = masks.regrow(kept, _layer_tree(grow, params, prunable), prunable, key=key)
+  new_mask, grown = masks.regrow(kept, masks.layer_tree(grow, params, prunable), prunable, key=key)
   return masks.apply(masks.zero_regrown(params, grown), new_mask), new_mask, grown
 
 
@@ -435,58 +410,32 @@ def _client_budgets(key: jax.Array, num_clients: int, num_budgets: int) -> jax.A
 
 def _flash_program(apply_fn: Callable[..., jax.Array], local: LocalConfig, hp: FLASHHparams,
                    prunable: Callable[..., bool]) -> ClientProgram:
-  """The client: SGD under its budget's mask, with NST's prune and regrow when ``shared.nst``."""
+  """The client: SGD under its budget's mask, with NST's prune and regrow when ``shared.nst``.
 
+  NST prunes at the end of every local epoch but the last; with one local epoch there is no
+  epoch boundary, and the official code prunes once, after the step in the middle of the
+  client's run.
+  """
   r0 = rate_fraction(hp.prune_rate)
 
-  def make_optimizer(ctx):
-    return client_optimizer(local, ctx.shared.learning_rate,
-                            steps_per_epoch(ctx.client.size, local.batch_size))
-
-  def init(ctx, key):
-    del key
+  def start(ctx):
     budget = ctx.shared.budget[ctx.client.slot]
     mask = jax.tree.map(lambda m: m[budget], ctx.shared.masks)
-    params = masks.apply(ctx.shared.params, mask)
-    return FLASHCarry(params, make_optimizer(ctx).init(params), mask)
+    return masks.apply(ctx.shared.params, mask), mask
 
-  def prune_regrow(carry, ctx, steps_done, key):
+  def prune_regrow(state, ctx, steps_done, key):
     # r0 · (1 - s / T) as an exact fraction, so that the prune count is exactly ceil(r · nnz).
     total = jnp.maximum(ctx.client.num_steps, 1)
     rate = (r0.numerator * jnp.maximum(total - steps_done, 0), r0.denominator * total)
-    prunable_ = masks.prunable_leaves(carry.params, prunable)
-    params, mask, grown = nst_prune_regrow(carry.params, carry.mask, rate, prunable_, key)
-    opt_state = masks.reset_moments(make_optimizer(ctx), carry.opt_state, grown)
-    return FLASHCarry(params, opt_state, mask)
+    return nst_prune_regrow(state.params, state.mask, rate,
+                            masks.prunable_leaves(state.params, prunable), key)
 
-  def update(carry, grads, ctx, info, key):
-    updates, opt_state = make_optimizer(ctx).update(grads.params, carry.opt_state, carry.params)
-    params = optax.apply_updates(carry.params, updates)
-    if hp.mask_enforcement == 'step':
-      params = masks.apply(params, carry.mask)
-    carry = FLASHCarry(params, opt_state, carry.mask)
-    if local.num_epochs == 1:
-      # One local epoch has no epoch boundary to prune at: the official code prunes once, after
-      # the step in the middle of the client's run.
-      mid = ctx.shared.nst & (info.step_in_epoch == ctx.client.steps_per_epoch // 2)
-      carry = jax.lax.cond(mid, lambda c: prune_regrow(c, ctx, info.step + 1, key),
-                           lambda c: c, carry)
-    return carry
-
-  def epoch_end(carry, ctx, info, key):
-    steps_done = (info.epoch + 1) * ctx.client.steps_per_epoch
-    # A cond, not a select: the ranking sorts every layer, which skipped epochs need not pay.
-    return jax.lax.cond(ctx.shared.nst & ~info.last,
-                        lambda c: prune_regrow(c, ctx, steps_done, key), lambda c: c, carry)
-
-  def final(carry, ctx, key):
-    del ctx, key
-    return masks.apply(carry.params, carry.mask), carry.mask
-
-  transform = enforcement_transform(hp.mask_enforcement, lambda carry, ctx: carry.mask)
-  return ClientProgram(init=init, trainable=lambda carry: carry.params, transform=transform,
-                       loss=supervised_loss(apply_fn), update=update, final=final,
-                       epoch_end=None if local.num_epochs == 1 else epoch_end)
+  one_epoch = local.num_epochs == 1
+  return masked_client(
+      apply_fn, local, enforce=hp.mask_enforcement, start=start, rewire=prune_regrow,
+      rewire_at_epoch_end=None if one_epoch else lambda ctx, info: ctx.shared.nst & ~info.last,
+      rewire_after_step=None if not one_epoch else lambda ctx, info: ctx.shared.nst & (
+          info.step_in_epoch == ctx.client.steps_per_epoch // 2))
 
 
 def _prunable_predicate(hp: FLASHHparams, prunable: Callable[..., bool] | None
@@ -564,10 +513,8 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
 
   def shapes(params):
     prunable_ = masks.prunable_leaves(params, predicate)
-    sizes = _prunable_sizes(params, prunable_)
-    dense = sum(int(np.prod(np.shape(w))) for w, f in zip(jax.tree.leaves(params),
-                                                            jax.tree.leaves(prunable_)) if not f)
-    return prunable_, sizes, dense
+    sizes = masks.prunable_sizes(params, prunable_)
+    return prunable_, sizes, comm.num_elements(params) - sum(sizes)
 
   def counts(params):
     return layout if layout is not None else flash_layout(hp, params, predicate)
@@ -580,8 +527,7 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
                             jnp.zeros((hunters.shape[0],), jnp.int32), jnp.bool_(True))
     result = run_clients(hunt_program, shared, hunters, keys, data, hunt_local, mapping)
     _, client_masks = result.outputs
-    counts = jax.vmap(lambda m: _layer_vector(masks.layer_count_tree(m, prunable_), prunable_))
-    return counts(client_masks)
+    return jax.vmap(lambda m: masks.count_vector(m, prunable_))(client_masks)
 
   def init(key: jax.Array, params: Any, data: FederatedData | None = None) -> FLASHState:
     if data is None:
@@ -612,7 +558,7 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
       hunt_counts = hunt(params, start, hunters, keys, data)
       hunted = hunted_counts(hunt_counts, sizes, plan['total'])
       empty = jax.tree.map(lambda m, f: jnp.zeros_like(m) if f else m, start, prunable_)
-      mask, _ = masks.regrow(empty, _layer_tree(hunted, params, prunable_), prunable_,
+      mask, _ = masks.regrow(empty, masks.layer_tree(hunted, params, prunable_), prunable_,
                              key=final_key)
     # PDST's mask comes from the shared seed (every client holds it); a hunted one must travel.
     held = 0 if hp.mode == 'pdst' else -1
@@ -642,31 +588,20 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
     client_params, client_masks = result.outputs
 
     weights = aggregation_weights(data.client_size[drawn.clients], cohort.weighted)
-    if hp.aggregation == 'mean':
-      averaged = weighted_mean(client_params, weights)
-    else:
-      averaged = masks.masked_weighted_mean(client_params, client_masks, weights)
-
-    def layer_counts(m):
-      return _layer_vector(masks.layer_count_tree(m, prunable_), prunable_)
-
-    up_counts = jax.vmap(layer_counts)(client_masks)  # [K, L]
-
-    def rebuild():
-      hunted = hunted_counts(up_counts, sizes, budget_total)
-      return masks.layerwise_topk_traced(jax.tree.map(jnp.abs, averaged), prunable_,
-                                         _layer_tree(hunted, averaged, prunable_))
-
-    mask = jax.lax.cond(nst, rebuild, lambda: state.mask)
+    averaged = server_average(client_params, client_masks, weights, hp.aggregation)
+    count_vectors = jax.vmap(lambda m: masks.count_vector(m, prunable_))
+    up_counts = count_vectors(client_masks)  # [K, L]
+    # A cond, not a select: the consensus ranks every layer, which rounds without NST skip.
+    mask = jax.lax.cond(nst, lambda: mask_consensus(averaged, up_counts, budget_total,
+                                                    prunable_), lambda: state.mask)
     params = masks.apply(averaged, mask)
     # Every mask keeps exactly K entries, so it changed iff it gained one.
-    gained = sum(jnp.sum(m & ~old, dtype=jnp.int32) for m, old in zip(
-        jax.tree.leaves(mask), jax.tree.leaves(state.mask)))
+    gained, turnover = masks.turnover(mask, state.mask, prunable_)
 
     # Bits: values in jit; mask messages (counts + enumerative code) on the host.
-    down_counts = jax.vmap(layer_counts)(stacked)[budget]  # [K, L]
+    down_counts = count_vectors(stacked)[budget]  # [K, L]
     full = budget == len(fractions) - 1
-    stale = state.client_mask_version[drawn.clients] != state.mask_version
+    stale = masks.stale_copies(state.client_mask_version, state.mask_version, drawn.clients)
     down_sent = jnp.where(full, stale, True)
     up_sent = jnp.broadcast_to(nst, (k,))
     values_up = comm.FLOAT_BITS * (jnp.sum(up_counts, axis=1) + dense)
@@ -676,24 +611,21 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
                      + comm.counted_mask_bits(sizes, sizes))
     # Clients that downloaded the full mask now hold its version (a smaller budget's mask is
     # derived anew every round, so holding it is never enough).
-    got = jnp.where(full, state.mask_version, state.client_mask_version[drawn.clients])
-    client_version = state.client_mask_version.at[drawn.clients].set(got)
+    client_version = masks.delivered(state.client_mask_version, state.mask_version,
+                                     drawn.clients, full)
     n = data.num_clients
-    metrics = {
-        'train_loss': jnp.sum(weights * result.loss), 'client_loss': result.loss,
-        'clients': drawn.clients, 'padding_ratio': result.padding_ratio,
-        'bits_up': values_up.astype(jnp.int32), 'bits_down': values_down.astype(jnp.int32),
+    metrics = cohort_metrics(result, drawn.clients, weights, bits_up=values_up,
+                             bits_down=values_down)
+    metrics.update({
         'bits_up_all': jnp.zeros((n,), jnp.int32), 'bits_down_all': jnp.zeros((n,), jnp.int32),
         'density': masks.density(mask, prunable_),
-        'mask_turnover': (gained.astype(jnp.float32)
-                          / jnp.maximum(masks.count(state.mask, prunable_), 1).astype(
-                              jnp.float32)),
+        'mask_turnover': turnover,
         'payload_sizes': jnp.asarray(sizes, jnp.int32),
         'payload_up_counts': up_counts, 'payload_up_sent': up_sent,
         'payload_down_counts': down_counts, 'payload_down_sent': down_sent,
         'payload_hunt': state.round == 0, 'payload_hunters': state.hunters,
         'payload_hunt_counts': state.hunt_counts,
-    }
+    })
     # Per-layer densities of the global mask (stage 1's hunted ones from round 1 on; JMWST's as
     # its mask moves), logged as scalars named by the layer's path.
     masked = [m for m, f in zip(jax.tree.leaves(mask), jax.tree.leaves(prunable_)) if f]
@@ -704,36 +636,65 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
                                client_mask_version=client_version)
     return new_state, metrics
 
-  def host_bits(metrics: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    sizes = [int(s) for s in metrics['payload_sizes']]
-
-    def message(counts):
-      return comm.counted_mask_bits(sizes, [int(c) for c in counts])
-
-    up = np.array([message(c) if s else 0 for c, s in zip(metrics['payload_up_counts'],
-                                                         metrics['payload_up_sent'])], np.int64)
-    down = np.array([message(c) if s else 0 for c, s in zip(metrics['payload_down_counts'],
-                                                           metrics['payload_down_sent'])],
-                    np.int64)
-    up_all = np.zeros(np.shape(metrics['bits_up_all']), np.int64)
-    if bool(metrics['payload_hunt']):
-      for client, counts in zip(metrics['payload_hunters'], metrics['payload_hunt_counts']):
-        if client >= 0:  # -1: PDST's placeholder
-          up_all[int(client)] += message(counts)
-    return {'bits_up': up, 'bits_down': down, 'bits_up_all': up_all}
-
-  def eval_variants(state: FLASHState, key: jax.Array) -> dict[str, Any]:
-    del key
-    if len(fractions) == 1:
-      return {}
-    prunable_ = masks.prunable_leaves(state.params, predicate)
-    stacked = budget_masks(state.params, state.mask, fractions, prunable_)
-    return {f'budget_{beta:g}': masks.apply(state.params, jax.tree.map(lambda m: m[i], stacked))
-            for i, beta in enumerate(fractions[:-1])}
-
   return Algorithm(init=init, round=round_fn, eval_params=lambda state, key: state.params,
-                   host_bits=host_bits, eval_variants=eval_variants,
+                   host_bits=mask_message_bits,
+                   eval_variants=lambda state, key: budget_models(state, fractions, predicate),
                    layout=lambda params: flash_layout(hp, params, predicate))
+
+
+def budget_models(state: FLASHState, fractions: tuple[float, ...],
+                  predicate: Callable[..., bool]) -> dict[str, Any]:
+  """hetero-FLASH's global model at each smaller budget, named ``budget_β`` (evaluated beside
+  the full model, `fedsparse.engine.Algorithm.eval_variants`)."""
+  if len(fractions) == 1:
+    return {}
+  prunable = masks.prunable_leaves(state.params, predicate)
+  stacked = budget_masks(state.params, state.mask, fractions, prunable)
+  return {f'budget_{beta:g}': masks.apply(state.params, jax.tree.map(lambda m: m[i], stacked))
+          for i, beta in enumerate(fractions[:-1])}
+
+
+def server_average(client_params: Any, client_masks: Any, weights: jax.Array,
+                   aggregation: str) -> Any:
+  """The server's average of the uploaded weights: plain (``'mean'``, the official code), or
+  per entry over the clients that hold it (``'masked'``)."""
+  if aggregation == 'mean':
+    return weighted_mean(client_params, weights)
+  return masks.masked_weighted_mean(client_params, client_masks, weights)
+
+
+def mask_consensus(averaged: Any, client_counts: jax.Array, total: Any, prunable: Any) -> Any:
+  """JMWST's new global mask: per layer the clients' mean count rescaled to the budget
+  (`hunted_counts`), filled with the largest ``|w̄|`` of the averaged weights."""
+  sizes = masks.prunable_sizes(averaged, prunable)
+  hunted = hunted_counts(client_counts, sizes, total)
+  return masks.layerwise_topk_traced(jax.tree.map(jnp.abs, averaged), prunable,
+                                     masks.layer_tree(hunted, averaged, prunable))
+
+
+def mask_message_bits(metrics: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The round's mask messages in bits, on the host (`fedsparse.engine.Algorithm.host_bits`).
+
+  Each message is a mask's per-layer counts plus its enumerative code
+  (`fedsparse.comm.counted_mask_bits`): the cohort's uploads in NST rounds, the downloads of
+  stale or budget masks, and stage 1's hunters' uploads in round 0.
+  """
+  sizes = [int(s) for s in metrics['payload_sizes']]
+
+  def message(counts):
+    return comm.counted_mask_bits(sizes, [int(c) for c in counts])
+
+  up = np.array([message(c) if s else 0 for c, s in zip(metrics['payload_up_counts'],
+                                                       metrics['payload_up_sent'])], np.int64)
+  down = np.array([message(c) if s else 0 for c, s in zip(metrics['payload_down_counts'],
+                                                         metrics['payload_down_sent'])],
+                  np.int64)
+  up_all = np.zeros(np.shape(metrics['bits_up_all']), np.int64)
+  if bool(metrics['payload_hunt']):
+    for client, counts in zip(metrics['payload_hunters'], metrics['payload_hunt_counts']):
+      if client >= 0:  # -1: PDST's placeholder
+        up_all[int(client)] += message(counts)
+  return {'bits_up': up, 'bits_down': down, 'bits_up_all': up_all}
 
 
 def flash_layout(hp: FLASHHparams, params: Any, predicate: Callable[..., bool]) -> dict[str, Any]:
@@ -757,7 +718,7 @@ def flash_layout(hp: FLASHHparams, params: Any, predicate: Callable[..., bool]) 
     ValueError: when the density keeps no weight (for PDST: of some layer).
   """
   prunable_ = masks.prunable_leaves(params, predicate)
-  sizes = _prunable_sizes(params, prunable_)
+  sizes = masks.prunable_sizes(params, prunable_)
   if masks.keep_count(hp.density, sum(sizes)) < 1:
     raise ValueError(f'density {hp.density} keeps no weight of the {sum(sizes)} prunable ones; '
                      f'use at least {masks.smallest_density(sum(sizes))}.')

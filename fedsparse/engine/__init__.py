@@ -2,8 +2,10 @@
 
 from fedsparse.engine.algorithm import Algorithm
 from fedsparse.engine.client import (ENFORCEMENTS, Broadcast, ClientInfo, ClientProgram,
-                                     CohortResult, Context, EpochInfo, Gradients, SGDState,
+                                     CohortResult, Context, EpochInfo, Gradients, MaskedState,
+                                     SGDState, local_sgd, masked_client,
                                      StepInfo, bernoulli_mask, client_minibatches, client_streams,
+                                     cohort_metrics,
                                      enforcement_transform, identity_transform, masked_transform,
                                      run_clients, sgd_client, supervised_loss)
 from fedsparse.engine.cohort import (Cohort, CohortConfig, aggregation_weights, draw_cohort,
@@ -21,11 +23,12 @@ __all__ = [
     'CPU_COMPILER_OPTIONS', 'ENFORCEMENTS', 'LR_SCHEDULES', 'PARTIAL_BATCHES', 'STRATEGIES',
     'Algorithm', 'Batch', 'Broadcast', 'ClientInfo', 'ClientMapping', 'ClientProgram', 'Cohort',
     'CohortConfig', 'CohortResult', 'Context', 'EpochInfo', 'Gradients', 'LocalConfig',
-    'SGDState', 'StepInfo', 'StepSlice', 'aggregation_weights', 'bernoulli_mask',
+    'MaskedState', 'SGDState', 'StepInfo', 'StepSlice', 'aggregation_weights', 'bernoulli_mask',
     'client_minibatches', 'client_optimizer', 'client_streams', 'client_steps',
+    'cohort_metrics',
     'compiler_options', 'computed_iterations', 'default_strategy',
     'draw_cohort', 'enforcement_transform', 'example_orders', 'gather_batch', 'host_minibatches',
-    'identity_transform', 'jit', 'make_evaluator', 'map_clients',
+    'identity_transform', 'jit', 'local_sgd', 'make_evaluator', 'map_clients', 'masked_client',
     'masked_transform', 'run_clients', 'sample_cohort', 'server_key', 'sgd_client', 'step_slice',
     'steps_per_epoch', 'sum_clients', 'supervised_loss', 'weighted_mean',
 ]

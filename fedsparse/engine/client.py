@@ -77,13 +77,17 @@ __all__ = [
     'Context',
     'EpochInfo',
     'Gradients',
+    'MaskedState',
     'SGDState',
     'StepInfo',
     'bernoulli_mask',
     'client_minibatches',
     'client_streams',
+    'cohort_metrics',
     'enforcement_transform',
     'identity_transform',
+    'local_sgd',
+    'masked_client',
     'masked_transform',
     'run_clients',
     'sgd_client',
@@ -171,6 +175,33 @@ class CohortResult(NamedTuple):
     """Computed / real sample-steps of the round (1.0: no padding computed)."""
     return (self.computed_sample_steps.astype(jnp.float32)
             / jnp.maximum(self.real_sample_steps, 1).astype(jnp.float32))
+
+
+def cohort_metrics(result: CohortResult, clients: jax.Array, weights: jax.Array | None, *,
+                   bits_up: Any = None, bits_down: Any = None) -> dict[str, jax.Array]:
+  """The metrics every round reports about its cohort (`fedsparse.engine.Algorithm.round`).
+
+  Args:
+    result: the cohort's `run_clients` result.
+    clients: ``[K]`` int32 client ids.
+    weights: ``[K]`` aggregation weights summing to 1 (``train_loss`` is their mean of the
+      client losses), or None for the plain mean.
+    bits_up: the per-client upload in bits: ``[K]`` or one count for every client (int32);
+      None leaves it to the caller.
+    bits_down: the download, likewise.
+
+  Returns:
+    ``train_loss``, ``client_loss``, ``clients``, ``padding_ratio`` and the bits given, as
+    ``[K]`` int32 vectors.
+  """
+  k = clients.shape[0]
+  loss = jnp.mean(result.loss) if weights is None else jnp.sum(weights * result.loss)
+  metrics = {'train_loss': loss, 'client_loss': result.loss, 'clients': clients,
+             'padding_ratio': result.padding_ratio}
+  for name, bits in (('bits_up', bits_up), ('bits_down', bits_down)):
+    if bits is not None:
+      metrics[name] = jnp.broadcast_to(jnp.asarray(bits, jnp.int32), (k,))
+  return metrics
 
 
 # --------------------------------------------------------------------------------------------------
@@ -449,12 +480,7 @@ def sgd_client(apply_fn: Callable[..., jax.Array], local: LocalConfig, *,
     raise ValueError(f'Unknown mask enforcement {enforce!r}; valid: {", ".join(ENFORCEMENTS)}.')
 
   def make_optimizer(ctx):
-    if optimizer is not None:
-      return optimizer(ctx)
-    # The cosine schedule's epoch is ceil(n_k / B) steps, in fixed-steps mode too (where the
-    # loop's own "epoch" is all local_steps steps).
-    return client_optimizer(local, ctx.shared.learning_rate,
-                            steps_per_epoch(ctx.client.size, local.batch_size))
+    return optimizer(ctx) if optimizer is not None else local_sgd(local, ctx)
 
   def init(ctx, key):
     del key
@@ -476,3 +502,105 @@ def sgd_client(apply_fn: Callable[..., jax.Array], local: LocalConfig, *,
   transform = enforcement_transform(enforce, lambda carry, ctx: ctx.shared.mask)
   return ClientProgram(init=init, trainable=lambda carry: carry.params, transform=transform,
                        loss=loss or supervised_loss(apply_fn), update=update, final=final)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sparse training: a client that owns its mask and may rewire it (FedDST, FLASH).
+
+
+class MaskedState(NamedTuple):
+  """The carry of `masked_client`."""
+  params: Any  # the client's weights, 0 outside ``mask`` at every step boundary
+  opt_state: optax.OptState
+  mask: Any  # the client's bool mask, which rewiring may change
+  grad: Any  # ∂L/∂w of the last minibatch, dense (``keep_grad``), else None
+
+
+def local_sgd(local: LocalConfig, ctx: Context) -> optax.GradientTransformation:
+  """The client optimizer of ``local`` at the broadcast's ``learning_rate``.
+
+  The cosine schedule's epoch is ``ceil(n_k / B)`` steps, in fixed-steps mode too (where the
+  loop's own "epoch" is all ``local_steps`` steps).
+  """
+  return client_optimizer(local, ctx.shared.learning_rate,
+                          steps_per_epoch(ctx.client.size, local.batch_size))
+
+
+def masked_client(apply_fn: Callable[..., jax.Array], local: LocalConfig, *, enforce: str,
+                  start: Callable[[Context], tuple[Any, Any]],
+                  rewire: Callable[[MaskedState, Context, jax.Array, jax.Array],
+                                   tuple[Any, Any, Any]] | None = None,
+                  rewire_at_epoch_end: Callable[[Context, EpochInfo], jax.Array] | None = None,
+                  rewire_after_step: Callable[[Context, StepInfo], jax.Array] | None = None,
+                  keep_grad: bool = False) -> ClientProgram:
+  """Local SGD of a sparse model whose mask the client holds and may change (rewire).
+
+  The dynamic-sparse-training client of FedDST and FLASH: it starts from ``start(ctx)``'s
+  weights and mask, trains under the mask (``enforce``), and at the points its hooks choose
+  replaces the mask by ``rewire``'s -- magnitude pruning and regrowth -- resetting the optimizer
+  moments of the regrown weights (RigL's and jaxpruner's convention). It uploads its masked
+  weights and its mask.
+
+  Args:
+    apply_fn: the flax ``Module.apply``.
+    local: local training settings (the optimizer is `local_sgd`).
+    enforce: one of `ENFORCEMENTS`: ``'forward'`` trains ``w ⊙ m``; ``'step'`` trains ``w`` and
+      re-masks after every step.
+    start: ``start(ctx) -> (params, mask)``, the client's weights and mask at the round's start
+      (the weights 0 outside the mask).
+    rewire: ``rewire(state, ctx, steps_done, key) -> (params, mask, grown)``: the new weights
+      (0 outside the new mask), mask, and a bool tree of the entries grown (their moments are
+      reset). ``steps_done`` counts the client's steps so far this round.
+    rewire_at_epoch_end: ``(ctx, epoch_info) -> bool`` scalar: rewire after that epoch.
+    rewire_after_step: ``(ctx, step_info) -> bool`` scalar: rewire after that step.
+    keep_grad: keep the dense gradient of the last minibatch in ``MaskedState.grad`` (what
+      gradient-based regrowth ranks).
+
+  Returns:
+    A :class:`ClientProgram` whose output is ``(params ⊙ mask, mask)``.
+  """
+  if enforce not in ENFORCEMENTS:
+    raise ValueError(f'Unknown mask enforcement {enforce!r}; valid: {", ".join(ENFORCEMENTS)}.')
+  if rewire is None and (rewire_at_epoch_end or rewire_after_step):
+    raise ValueError('rewire_at_epoch_end and rewire_after_step need a rewire function.')
+
+  def rewired(state, ctx, steps_done, key):
+    params, mask, grown = rewire(state, ctx, steps_done, key)
+    opt_state = masks_lib.reset_moments(local_sgd(local, ctx), state.opt_state, grown)
+    return MaskedState(params, opt_state, mask, state.grad)
+
+  def maybe_rewire(state, ctx, when, steps_done, key):
+    # A cond, not a select: rewiring ranks every layer, which the skipped points need not pay.
+    return jax.lax.cond(when, lambda s: rewired(s, ctx, steps_done, key), lambda s: s, state)
+
+  def init(ctx, key):
+    del key
+    params, mask = start(ctx)
+    grad = jax.tree.map(jnp.zeros_like, params) if keep_grad else None
+    return MaskedState(params, local_sgd(local, ctx).init(params), mask, grad)
+
+  def update(state, grads, ctx, info, key):
+    updates, opt_state = local_sgd(local, ctx).update(grads.params, state.opt_state,
+                                                      state.params)
+    params = optax.apply_updates(state.params, updates)
+    if enforce == 'step':
+      params = masks_lib.apply(params, state.mask)
+    # The dense gradient (also at masked-out entries, which regrowth ranks): only the last
+    # minibatch's survives to the rewiring.
+    state = MaskedState(params, opt_state, state.mask, grads.effective if keep_grad else None)
+    if rewire_after_step is not None:
+      state = maybe_rewire(state, ctx, rewire_after_step(ctx, info), info.step + 1, key)
+    return state
+
+  def epoch_end(state, ctx, info, key):
+    steps_done = (info.epoch + 1) * ctx.client.steps_per_epoch
+    return maybe_rewire(state, ctx, rewire_at_epoch_end(ctx, info), steps_done, key)
+
+  def final(state, ctx, key):
+    del ctx, key
+    return masks_lib.apply(state.params, state.mask), state.mask
+
+  transform = enforcement_transform(enforce, lambda state, ctx: state.mask)
+  return ClientProgram(init=init, trainable=lambda state: state.params, transform=transform,
+                       loss=supervised_loss(apply_fn), update=update, final=final,
+                       epoch_end=None if rewire_at_epoch_end is None else epoch_end)
