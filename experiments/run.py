@@ -5,7 +5,7 @@ Usage::
   python -m experiments.run --config=experiments/configs/digits_fedavg.py --workdir=/tmp/run
   python -m experiments.run --config=experiments/configs/mnist_fedavg.py:smoke --workdir=/tmp/s
   python -m experiments.run --config=experiments/configs/mnist_ssfl.py \\
-      --config.dataset=npz:../shared/data/mnist.npz --config.ssfl.density=0.1 --workdir=/tmp/m
+      --config.dataset=npz:mnist.npz --config.ssfl.density=0.1 --workdir=/tmp/m
 
 ``:smoke`` makes any experiment tiny; ``--config.KEY=VALUE`` overrides a shared key and
 ``--config.ALGORITHM.KEY=VALUE`` one of the algorithm's own (e.g. ``--config.ssfl.density``).

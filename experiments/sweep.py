@@ -5,7 +5,7 @@ Usage::
   python -m experiments.sweep --config=experiments/configs/digits_fedavg.py \\
       --sweep=experiments/sweeps/digits_lr.py --workdir=/tmp/digits_lr
   python -m experiments.sweep --config=experiments/configs/mnist_ssfl.py \\
-      --config.dataset=npz:../shared/data/mnist.npz \\
+      --config.dataset=npz:mnist.npz \\
       --sweep=experiments/sweeps/ssfl_density.py --workdir=/tmp/ssfl_density
 
 A sweep file defines ``get_sweep(arg=None)`` returning the members' overrides, written with

@@ -5,7 +5,7 @@ clip 10, d = 0.5, 1000 rounds) but 10 local epochs of batch 128, client momentum
 cosine learning-rate schedule stepped per local epoch with a 10-epoch period and a 1e-5 floor
 (epoch e uses 1e-5 + (0.1 - 1e-5)(1 + cos(π e / 10)) / 2: 0.1 down to 0.0025 in the last
 epoch), restarted every round (the SSFL code's ``cosine_annealing`` scheduler, rebuilt each
-round; ALGORITHMS.md).
+round; see `fedsparse.algorithms.ssfl`).
 
 Command (needs CIFAR-100 prepared for TFDS once, with network access, in ``--config.data_dir``)::
 

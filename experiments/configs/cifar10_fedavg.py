@@ -2,7 +2,7 @@
 
 100 clients, 10 per round, balanced Dirichlet α = 0.3 (500 examples each), 5 local epochs,
 batch 16, client SGD lr 0.1 · 0.998^t, no momentum, weight decay 5e-4, gradient-norm clip 10,
-1000 rounds (ALGORITHMS.md, "SalientGrads / SSFL"; the dense baseline of that paper).
+1000 rounds (SalientGrads / SSFL, `fedsparse.algorithms.ssfl`; the dense baseline of that paper).
 
 Command (needs CIFAR-10 prepared for TFDS once, with network access, in ``--config.data_dir``)::
 

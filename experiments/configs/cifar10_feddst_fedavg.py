@@ -1,10 +1,10 @@
 """Dense FedAvg in FedDST's CIFAR-10 setting: the baseline of `cifar10_feddst` (for a GPU).
 
-FedDST's CIFAR-10 setting (ALGORITHMS.md, "FedDST"): CIFAR10Net, CIFAR-10 split over 400
-clients by a Dirichlet(0.1) over clients per class, 20 clients per round without replacement,
-aggregation weighted by n_k, 10 local epochs of batch 32, client SGD lr 0.01, momentum 0.9,
-weight decay 1e-3, 400 rounds. The paper reports the mean of the clients' local-test accuracy
-(``client_accuracy_mean`` in metrics.jsonl; the pooled ``test_accuracy`` is logged too).
+FedDST's CIFAR-10 setting (Bibikar et al., AAAI 2022; `fedsparse.algorithms.feddst`): CIFAR10Net,
+CIFAR-10 split over 400 clients by a Dirichlet(0.1) over clients per class, 20 clients per round
+without replacement, aggregation weighted by n_k, 10 local epochs of batch 32, client SGD lr 0.01,
+momentum 0.9, weight decay 1e-3, 400 rounds. The paper reports the mean of the clients' local-test
+accuracy (``client_accuracy_mean`` in metrics.jsonl; the pooled ``test_accuracy`` is logged too).
 
 Command (needs CIFAR-10 prepared for TFDS once, with network access, in ``--config.data_dir``)::
 

@@ -1,11 +1,11 @@
 """FLASH on CIFAR-10 with ResNet-18: the paper's setting (for a GPU with the data).
 
-FLASH's CIFAR-10 experiment (ALGORITHMS.md, "FLASH"): 100 clients, balanced Dirichlet labels
-(α = 1 here; the paper also runs α = 1000 and 0.1), 10 clients per round without replacement,
-unweighted averaging, 600 rounds of 1 local epoch of batch 32, plain SGD (no momentum, no weight
-decay) at lr 0.1 · 0.01^(t/1000), SPDST at density d = 0.05 of every conv kernel (first conv and
-shortcut convs included); the classifier (``Dense_0``) stays dense. Stage 1: 10 % of the clients
-hunt densities for 10 local epochs.
+FLASH's CIFAR-10 experiment (Babakniya et al., TMLR 2023; `fedsparse.algorithms.flash`): 100
+clients, balanced Dirichlet labels (α = 1 here; the paper also runs α = 1000 and 0.1), 10 clients
+per round without replacement, unweighted averaging, 600 rounds of 1 local epoch of batch 32, plain
+SGD (no momentum, no weight decay) at lr 0.1 · 0.01^(t/1000), SPDST at density d = 0.05 of every
+conv kernel (first conv and shortcut convs included); the classifier (``Dense_0``) stays dense.
+Stage 1: 10 % of the clients hunt densities for 10 local epochs.
 
 Deviations from the official code, each of which moves the numbers:
 

@@ -4,7 +4,7 @@
 batch 16, client SGD lr 0.1 · 0.998^t, no momentum, weight decay 5e-4, gradient-norm clip 10,
 1000 rounds, density d = 0.5 of the conv and dense kernels (first conv, shortcut convs and
 classifier included), mask from the uniform mean of all 100 clients' saliency on one minibatch
-(ALGORITHMS.md, "SalientGrads / SSFL"). The dense baseline is `cifar10_fedavg`.
+(SalientGrads / SSFL, `fedsparse.algorithms.ssfl`). The dense baseline is `cifar10_fedavg`.
 
 Command (needs CIFAR-10 prepared for TFDS once, with network access, in ``--config.data_dir``)::
 

@@ -3,7 +3,7 @@
 Command (offline, with the MNIST file beside the checkout)::
 
   python -m experiments.run --config=experiments/configs/mnist_fedavg.py \\
-      --config.dataset=npz:../shared/data/mnist.npz --workdir=/tmp/mnist_fedavg
+      --config.dataset=npz:mnist.npz --workdir=/tmp/mnist_fedavg
 
 Expected result (seed 0, measured with the command above on the 2-core CPU, ~5 s per round,
 local training: 2 epochs of batch-32 SGD, lr 0.05): pooled test accuracy passes 97 % at round

@@ -12,7 +12,7 @@ mask of the same per-layer counts) is ``--config=experiments/configs/mnist_fedds
 Command (offline, with the MNIST file beside the checkout)::
 
   python -m experiments.run --config=experiments/configs/mnist_feddst.py \\
-      --config.dataset=npz:../shared/data/mnist.npz --workdir=/tmp/mnist_feddst
+      --config.dataset=npz:mnist.npz --workdir=/tmp/mnist_feddst
 
 Expected result (seed 0, measured with the command above on the 2-core CPU, ~22 s per round
 for each of the three runs): FedDST ends at 97.1 % pooled test accuracy after 421.9 MB of

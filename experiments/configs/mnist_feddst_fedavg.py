@@ -1,15 +1,15 @@
 """Dense FedAvg in FedDST's MNIST setting: the baseline of `mnist_feddst`.
 
-FedDST's reference setting (Bibikar et al., AAAI 2022; ALGORITHMS.md, "FedDST"): MNISTNet, MNIST
-split over 400 clients by a Dirichlet(0.1) over clients per class (very uneven: 1 to 1,138
-examples; the 2 clients left empty are dropped), 20 clients per round sampled without
-replacement, aggregation weighted by n_k, 10 local epochs of batch 32, client SGD lr 0.01,
-momentum 0.9, weight decay 1e-3 (optimizer state restarted every round), 100 rounds.
+FedDST's reference setting (Bibikar et al., AAAI 2022; `fedsparse.algorithms.feddst`): MNISTNet,
+MNIST split over 400 clients by a Dirichlet(0.1) over clients per class (very uneven: 1 to 1,138
+examples; the 2 clients left empty are dropped), 20 clients per round sampled without replacement,
+aggregation weighted by n_k, 10 local epochs of batch 32, client SGD lr 0.01, momentum 0.9, weight
+decay 1e-3 (optimizer state restarted every round), 100 rounds.
 
 Command (offline, with the MNIST file beside the checkout)::
 
   python -m experiments.run --config=experiments/configs/mnist_feddst_fedavg.py \\
-      --config.dataset=npz:../shared/data/mnist.npz --workdir=/tmp/mnist_feddst_fedavg
+      --config.dataset=npz:mnist.npz --workdir=/tmp/mnist_feddst_fedavg
 
 Expected result: see `mnist_feddst` (measured side by side).
 """

@@ -7,7 +7,7 @@ runs near an effective learning rate of 1; plain FedAvg is η = 1, β = 0).
 Command::
 
   python -m experiments.run --config=experiments/configs/mnist_feddst_fedavgm.py \\
-      --config.dataset=npz:../shared/data/mnist.npz --workdir=/tmp/mnist_feddst_fedavgm
+      --config.dataset=npz:mnist.npz --workdir=/tmp/mnist_feddst_fedavgm
 
 Expected result: see `mnist_feddst` (measured side by side).
 """

@@ -11,7 +11,7 @@ the library's MNIST CNN and finishes the 40 rounds in under 45 minutes here.
 Commands (offline, with the MNIST file beside the checkout)::
 
   python -m experiments.run --config=experiments/configs/mnist_fedpm.py \\
-      --config.dataset=npz:../shared/data/mnist.npz --workdir=/tmp/mnist_fedpm
+      --config.dataset=npz:mnist.npz --workdir=/tmp/mnist_fedpm
   ... --config.partition=classes --workdir=/tmp/mnist_fedpm_noniid
   ... --config.fedpm.uplink_coder=global   # code each bit under the global θ instead
 

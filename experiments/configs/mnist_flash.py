@@ -10,7 +10,7 @@ rule (masks on all conv weights, not on the classifier), with MNISTNet's hidden 
 Commands (offline, with the MNIST file beside the checkout; one per row of the README table)::
 
   python -m experiments.run --config=experiments/configs/mnist_flash.py \\
-      --config.dataset=npz:../shared/data/mnist.npz --workdir=/tmp/mnist_spdst
+      --config.dataset=npz:mnist.npz --workdir=/tmp/mnist_spdst
   ... --config.flash.mode=jmwst --workdir=/tmp/mnist_jmwst
   ... --config.flash.mode=pdst --workdir=/tmp/mnist_pdst
   ... --config.flash.hetero=True --workdir=/tmp/mnist_hetero_spdst

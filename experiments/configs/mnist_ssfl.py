@@ -6,7 +6,7 @@ global mask chosen from the saliency of all 100 clients before the first round.
 Command (offline, with the MNIST file beside the checkout)::
 
   python -m experiments.run --config=experiments/configs/mnist_ssfl.py \\
-      --config.dataset=npz:../shared/data/mnist.npz --workdir=/tmp/mnist_ssfl
+      --config.dataset=npz:mnist.npz --workdir=/tmp/mnist_ssfl
 
 Other densities and the random-mask baselines: ``--config.ssfl.density=0.1``,
 ``--config.ssfl.mask=random_global`` (or ``random_layerwise``).

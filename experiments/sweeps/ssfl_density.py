@@ -1,9 +1,9 @@
 """SSFL density sweep on MNIST: density {0.05, 0.1, 0.2, 0.5} × 3 seeds (12 members).
 
-Command (MNIST offline from ``../shared/data/mnist.npz``)::
+Command (MNIST offline from an ``mnist.npz`` file, see the README)::
 
   python -m experiments.sweep --config=experiments/configs/mnist_ssfl.py \\
-      --config.dataset=npz:../shared/data/mnist.npz \\
+      --config.dataset=npz:mnist.npz \\
       --sweep=experiments/sweeps/ssfl_density.py --workdir=/tmp/ssfl_density
 
 The density is traced: each member's exact keep count enters the round as an array, so all 12

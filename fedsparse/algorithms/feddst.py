@@ -41,8 +41,8 @@ holds (every client starts with the initial mask, rebuilt from the shared seed f
 ``w0``). The metrics ``mask_bits`` (one mask message) and ``mask_encoding`` (its index in
 `fedsparse.comm.MASK_ENCODINGS`) state the encoding.
 
-Choices and deviations (``ALGORITHMS.md``); the official code's behaviour is an option where it
-changes results:
+Choices and deviations from the paper and its official code; the official code's behaviour is an
+option where it changes results:
 
 * ``constant_alpha=True`` prunes with ``α`` on every readjustment round, as the official code
   does (it computes the annealed ``α_t`` but never passes it to the clients).

@@ -43,7 +43,7 @@ lossless). Round 0's scores come from the seed and cost nothing under ``'counts'
 Evaluation (the run loop's ``test_accuracy``) samples one mask from ``θ_g`` with the evaluation
 key, as the paper reports; ``deterministic/test_accuracy`` is the model ``W ⊙ [θ_g > 0.5]``.
 
-Choices and deviations (``ALGORITHMS.md``):
+Choices and deviations from the paper and its official code:
 
 * Leaves that are neither a kernel nor a kernel's bias (normalisation scales and offsets) keep
   their flax initial values frozen, and are scored and masked like every other parameter.

@@ -67,7 +67,7 @@ participation; JMWST: whenever it changed); a smaller budget's mask to its clien
 PDST's random mask comes from the shared seed, free. These lengths depend on traced counts, so
 the round returns the counts (``payload_*``) and ``host_bits`` computes them on the host.
 
-Choices and deviations (``ALGORITHMS.md``):
+Choices and deviations from the paper and its official code:
 
 * Mask counts are exact: a prune drops ``ceil(r · nnz)`` computed in integers (`prune_counts`),
   the rate being the fraction ``r0 · (T - s) / T`` after ``s`` of ``T`` steps. The official

@@ -34,7 +34,7 @@ free). Each training round the cohort
 exchanges 32 bits per kept weight plus the dense non-prunable parameters, both ways: positions
 cost nothing because both sides hold ``m``. Warm-up rounds are dense.
 
-Choices and deviations (``ALGORITHMS.md``):
+Choices and deviations from the paper and its official code:
 
 * ``saliency_score='ssfl'`` (default) differentiates the cross-entropy; ``'salientgrads'`` the
   NLL of the raw logits, ``-mean(logit_y)``, as SalientGrads' published code did. SalientGrads
