@@ -53,6 +53,15 @@ def _define_flags(fv: flags.FlagValues, argv: Sequence[str]):
   show_traceback = flags.DEFINE_bool(
       'traceback', False, 'On an error, print the full traceback instead of one line.',
       flag_values=fv)
+  define_process_flags(fv)
+  return config, workdir, overwrite, show_traceback
+
+
+_PROCESS_FLAGS = ('coordinator_address', 'num_processes', 'process_id')
+
+
+def define_process_flags(fv: flags.FlagValues) -> None:
+  """Defines the flags `start_processes` reads (also used by ``experiments.sweep``)."""
   flags.DEFINE_string(
       'coordinator_address', None, 'Multi-process runs: HOST:PORT of process 0 (the same in '
       'every process), or "auto" to let JAX detect the job (Cloud TPU pod slice, SLURM, Open '
@@ -61,10 +70,6 @@ def _define_flags(fv: flags.FlagValues, argv: Sequence[str]):
                        flag_values=fv)
   flags.DEFINE_integer('process_id', None, 'Multi-process runs: this process\'s index, 0 to '
                        'num_processes - 1 (process 0 writes the files).', flag_values=fv)
-  return config, workdir, overwrite, show_traceback
-
-
-_PROCESS_FLAGS = ('coordinator_address', 'num_processes', 'process_id')
 
 
 def start_processes(fv: flags.FlagValues) -> None:

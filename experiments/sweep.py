@@ -20,6 +20,13 @@ Re-running the same command resumes: finished and failed members are kept, the r
 from their checkpoints; ``--retry_failed`` reruns the failed. Exit code: 0 when every member
 finished, 1 when some failed (the summary says which and why), 2 for a usage error (flags,
 config, sweep file, workdir), before anything runs.
+
+Multi-process (multi-host) sweeps start the same command in every process, adding
+``--coordinator_address=HOST:PORT --num_processes=N --process_id=I`` (or
+``--coordinator_address=auto``), as ``experiments.run`` does. Each group's members are
+sharded over the devices of all processes (``--member_mapping`` then maps each device's
+share); process 0 writes the files and prints the summary; every process exits with the same
+code. See the README's "Sweeps" and "Multi-host" sections.
 """
 
 import importlib.util
@@ -33,6 +40,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from experiments import run as run_lib
+from fedsparse import distributed
 from fedsparse import engine
 from fedsparse import sweep as sweep_lib
 from fedsparse import train
@@ -51,13 +59,15 @@ def _define_flags(fv: flags.FlagValues, argv: Sequence[str]):
           'and summary.png (re-running resumes).', flag_values=fv),
       'member_mapping': flags.DEFINE_enum(
           'member_mapping', 'auto', engine.STRATEGIES, 'How a group maps its members '
-          '(auto: sequential on CPU, vmap on GPU/TPU).', flag_values=fv),
+          '(auto: sequential on CPU, vmap on GPU/TPU; in a multi-process job the members are '
+          'sharded over every device and this maps each device\'s share).', flag_values=fv),
       'retry_failed': flags.DEFINE_bool(
           'retry_failed', False, 'Rerun members recorded as failed.', flag_values=fv),
       'traceback': flags.DEFINE_bool(
           'traceback', False, 'On an error, print the full traceback instead of one line.',
           flag_values=fv),
   }
+  run_lib.define_process_flags(fv)
   return config, values
 
 
@@ -103,7 +113,16 @@ def cli(argv: Sequence[str]) -> int:
           '--sweep=experiments/sweeps/digits_lr.py --workdir=/tmp/digits_lr',
           run_lib.USAGE_ERROR)
   try:
-    members = load_sweep(values['sweep'].value)
+    run_lib.start_processes(fv)  # before anything uses a device
+    members = error = None
+    try:
+      members = load_sweep(values['sweep'].value)
+    except train.UsageError as e:
+      error = e
+    # A sweep file that one process cannot load stops every process (none waits for it).
+    error = distributed.agree_on_error(error)
+    if error is not None:
+      raise error if isinstance(error, train.UsageError) else train.UsageError(str(error))
     rows = sweep_lib.run_sweep(config.value, members, values['workdir'].value,
                                strategy=values['member_mapping'].value,
                                retry_failed=values['retry_failed'].value)
@@ -112,9 +131,11 @@ def cli(argv: Sequence[str]) -> int:
       traceback.print_exc()
     return run_lib.fail(str(e), run_lib.USAGE_ERROR)
   workdir = values['workdir'].value
+  failed = [r for r in rows if r['status'] != 'done']  # the same in every process
+  if not distributed.is_primary():  # process 0 plots and prints what all computed
+    return run_lib.RUN_ERROR if failed else 0
   plotted = sweep_lib.plot_summary(rows, os.path.join(workdir, sweep_lib.PLOT_FILE))
   print(sweep_lib.format_summary(rows))
-  failed = [r for r in rows if r['status'] != 'done']
   print(f'{len(rows) - len(failed)} of {len(rows)} members finished'
         f'{f", {len(failed)} failed" if failed else ""}. Summary: '
         f'{os.path.join(workdir, sweep_lib.SUMMARY_FILE)}'

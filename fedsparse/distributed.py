@@ -15,7 +15,11 @@ whole job. What this asks of the run loop, and what this module provides:
   the others'.
 * The processes must agree on what they run (same flags, config, files); a mismatch would make
   their collectives disagree, i.e. hang or silently compute something else. `check_same` fails
-  fast instead, in every process at once.
+  fast instead, in every process at once; `broadcast_json` hands process 0's decisions (e.g.
+  which sweep members are done) to the others, and `agree_on_error` turns an error raised in
+  some processes into the same error in all, so that they take the same path afterwards.
+* A stacked axis (a sweep's members) may be split over every device of every process
+  (`sharded`) instead of replicated.
 
 With one process every function here is cheap and correct, so callers need no special case.
 
@@ -38,8 +42,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-__all__ = ['barrier', 'broadcast', 'check_same', 'initialize', 'is_primary', 'replicated',
-           'to_global', 'to_host']
+__all__ = ['agree_on_error', 'barrier', 'broadcast', 'broadcast_json', 'check_same',
+           'initialize', 'is_primary', 'replicated', 'sharded', 'to_global', 'to_host']
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -112,14 +116,27 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def replicated() -> NamedSharding:
-  """A full copy on every device of every process, over the global device mesh."""
+def _mesh() -> jax.sharding.Mesh:
+  """A 1-D mesh with the axis ``'devices'`` over every device of every process."""
   devices = jax.devices()
   # The same device order as the engine's client mesh (`jax.make_mesh` over `jax.devices()`):
   # jit requires one device assignment for its arguments, its outputs and the meshes inside.
-  mesh = jax.make_mesh((len(devices),), ('devices',), devices=devices,
+  return jax.make_mesh((len(devices),), ('devices',), devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,))
-  return NamedSharding(mesh, P())
+
+
+def replicated() -> NamedSharding:
+  """A full copy on every device of every process, over the global device mesh."""
+  return NamedSharding(_mesh(), P())
+
+
+def sharded() -> NamedSharding:
+  """The leading axis split evenly over every device of every process, in `replicated`'s mesh.
+
+  The layout of the engine's ``sharded`` mapping (`fedsparse.engine.map_clients`) for an axis
+  whose length is a multiple of ``jax.device_count()``: device ``d`` holds the ``d``-th block.
+  """
+  return NamedSharding(_mesh(), P('devices'))
 
 
 def to_global(tree: Any) -> Any:
@@ -153,6 +170,59 @@ def broadcast(value: Any) -> Any:
   if jax.process_count() == 1:
     return value
   return multihost_utils.broadcast_one_to_all(value)
+
+
+def broadcast_json(value: Any, source: int = 0) -> Any:
+  """Process ``source``'s ``value`` (anything JSON-serialisable) in every process.
+
+  Every process must call it (a collective), each with a value of its own, whose size may
+  differ; only the source's counts. With one process, ``value`` itself is returned.
+
+  Example::
+
+    >>> broadcast_json({'done': ['lr=0.1']})  # one process: returned as it is
+    {'done': ['lr=0.1']}
+  """
+  if jax.process_count() == 1:
+    return value
+  is_source = jax.process_index() == source
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_source else None
+  # Two rounds: the length first, since every process must pass arrays of the same shape.
+  length = int(multihost_utils.broadcast_one_to_all(
+      np.int32(len(data) if is_source else 0), is_source=is_source))
+  payload = data if is_source else np.zeros(length, np.uint8)
+  received = multihost_utils.broadcast_one_to_all(payload, is_source=is_source)
+  return json.loads(np.asarray(received, np.uint8).tobytes().decode())
+
+
+def agree_on_error(error: BaseException | None) -> BaseException | None:
+  """The error that every process acts on, given this process's (None: it succeeded).
+
+  Every process must call it at the same point (a collective). When processes take different
+  paths after an error raised in only some of them, the others would wait in a collective that
+  never comes; with this, all take the same path.
+
+  Returns:
+    None if no process failed; ``error`` itself if every process failed with the same message
+    (e.g. a deterministic error of the work they share, which keeps its type); otherwise a
+    RuntimeError naming the first process that failed and its message, the same in every
+    process.
+  """
+  if jax.process_count() == 1:
+    return error
+  text = '' if error is None else f'{type(error).__name__}: {error}'
+  digest = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint32)
+  mine = np.concatenate([np.array([error is not None], np.uint32), digest])
+  everyone = multihost_utils.process_allgather(mine)  # [num_processes, 9]
+  failed = [i for i in range(len(everyone)) if everyone[i][0]]
+  if not failed:
+    return None
+  if len(failed) == len(everyone) and all(np.array_equal(row, mine) for row in everyone):
+    return error
+  message = broadcast_json(text, source=failed[0])
+  return RuntimeError(
+      f'process(es) {", ".join(map(str, failed))} of {len(everyone)} failed, process '
+      f'{failed[0]} with {message}')
 
 
 def check_same(value: Any, what: str) -> None:

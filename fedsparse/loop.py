@@ -14,6 +14,7 @@ the processes' saves and restores).
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -110,7 +111,7 @@ class SingleProgram(Program):
       exp = dataclasses.replace(exp, params=distributed.to_global(exp.params),
                                 data=distributed.to_global(exp.data))
     self.exp = exp
-    self.round_fn = None
+    self.round_fn = self.evaluate_fn = None
 
   @property
   def placement(self) -> jax.sharding.Sharding:
@@ -125,9 +126,20 @@ class SingleProgram(Program):
   def _init_args(self):
     return self.key(experiment.algorithm_key(self.exp.config.seed)), self.exp.params, self.exp.data
 
+  def _jit(self, fun: Any, **kwargs: Any) -> Any:
+    # Replicated outputs by contract, not by the compiler's choice (which today is replication
+    # for every algorithm's state and metrics): every process then holds the whole state, to
+    # checkpoint, evaluate and export it, and reads the metrics from its own copy.
+    if self.on_mesh:
+      kwargs['out_shardings'] = self.placement
+    return engine.jit(fun, **kwargs)
+
   def init(self):
-    state = self.exp.algorithm.init(*self._init_args())
-    return jax.device_put(state, self.placement) if self.on_mesh else state
+    # One program. Run eagerly, an initialisation that works leaf by leaf (FedPM's signed
+    # constants and scores, FedDST's random mask) compiles every operation for every leaf shape
+    # on its own: tens of seconds for a ResNet on a CPU.
+    return self._jit(self.exp.algorithm.init, batched_clients=self.exp.mapping.batches_clients)(
+        *self._init_args())
 
   def abstract_state(self):
     # Explicit shardings: orbax restores into them, not into the devices of the run that wrote
@@ -144,12 +156,8 @@ class SingleProgram(Program):
 
   def compile(self, state):
     exp = self.exp
-    # Replicated outputs by contract, not by the compiler's choice (which today is replication
-    # for every algorithm's state and metrics): every process then holds the whole state, to
-    # checkpoint, evaluate and export it, and reads the metrics from its own copy.
-    kwargs = {'out_shardings': self.placement} if self.on_mesh else {}
-    self.round_fn = engine.jit(exp.algorithm.round, batched_clients=exp.mapping.batches_clients,
-                               donate_argnums=0, **kwargs).lower(
+    self.round_fn = self._jit(exp.algorithm.round, batched_clients=exp.mapping.batches_clients,
+                              donate_argnums=0).lower(
         state, exp.data, self.key(experiment.round_key(exp.config.seed, 0))).compile()
 
   def step(self, state, t):
@@ -159,8 +167,14 @@ class SingleProgram(Program):
 
   def evaluate(self, state, t):
     exp = self.exp
-    out = experiment.evaluate(exp.evaluate, exp.algorithm, state,
-                              self.key(experiment.eval_key(exp.config.seed, t)), exp.data)
+    if self.evaluate_fn is None:
+      # The evaluation model (FedPM's sampled mask, FLASH's budget models) and the evaluator in
+      # one program, as a sweep compiles them: eagerly, every operation would compile alone.
+      evaluator = engine.make_evaluator(exp.model.apply, exp.config.eval_batch_size,
+                                        jitted=False)
+      self.evaluate_fn = self._jit(functools.partial(experiment.evaluate, evaluator,
+                                                     exp.algorithm))
+    out = self.evaluate_fn(state, self.key(experiment.eval_key(exp.config.seed, t)), exp.data)
     return [{k: float(v) for k, v in distributed.to_host(out).items()}]
 
 

@@ -29,6 +29,15 @@ Member mapping (``strategy``): ``vmap`` (the default on GPU/TPU) runs the member
 side; on the CPU ``auto`` runs them one after another (``sequential``) inside the one compiled
 round, measured fastest there (README, "Sweeps"; ``scripts/bench_sweep.py``).
 
+Multi-process jobs (`fedsparse.distributed`): every process calls `run_sweep` with the same
+arguments. A group's members are sharded over the devices of all processes (``strategy`` then
+maps each device's share); the stacked state's member axis is split over the devices when the
+members divide evenly among them, and replicated otherwise (the log says which). Metrics,
+evaluation rows and each member's state (for its checkpoint and export) come back replicated,
+so every process holds them, as for `fedsparse.loop.SingleProgram`. Process 0 locks the
+directories, decides which members still run and writes every file; orbax saves the
+checkpoints from all processes in concert.
+
 Failures. A member whose config is invalid is recorded as failed with the error and never
 runs; a member whose loss becomes non-finite is marked failed in its round while the others of
 its group go on; an error that stops a whole group (e.g. out of memory) fails its members and
@@ -59,6 +68,7 @@ import ml_collections
 import numpy as np
 
 from fedsparse import data as data_lib
+from fedsparse import distributed
 from fedsparse import engine
 from fedsparse import experiment
 from fedsparse import loop
@@ -208,18 +218,48 @@ class _Entry:
   seconds: float = 0.0
   group: int = -1
   stage: str = 'run'  # where it failed: 'config' (checked again on every run) or 'run'
+  saved: dict[str, Any] | None = None  # the config.json it writes (`_configure`)
 
 
 class _MemberFailures(Exception):
   """Members of a group that cannot run (their own settings fail), by index in the group."""
 
   def __init__(self, failures: dict[int, Exception]):
-    super().__init__(f'{len(failures)} member(s) cannot run')
+    # Every failure in the message: processes compare it to agree that they failed alike.
+    super().__init__(f'{len(failures)} member(s) cannot run (' + '; '.join(
+        f'{i}: {type(e).__name__}: {e}' for i, e in sorted(failures.items())) + ')')
     self.failures = failures
 
 
+def _member_mapping(strategy: str, clients: engine.ClientMapping) -> engine.ClientMapping:
+  """How a group maps its members, given the sweep's ``strategy`` and the clients' mapping.
+
+  In one process, ``strategy`` as it is (``auto``: `fedsparse.engine.default_strategy`). In a
+  multi-process job the members are sharded over every device of every process, each device
+  mapping its share by ``strategy`` (``auto`` and ``sharded``: the backend's default) --
+  unless the clients are sharded already: then every device maps all members (one mesh axis
+  cannot split both).
+  """
+  if jax.process_count() == 1:
+    return engine.ClientMapping(strategy)
+  if clients.resolved() == 'sharded':
+    return engine.ClientMapping(strategy)  # 'sharded' is refused by _GroupProgram
+  return engine.ClientMapping('sharded', inner=(
+      'auto' if strategy in ('auto', 'sharded') else strategy))
+
+
 class _GroupProgram(loop.Program):
-  """The rounds of a group of members mapped over a member axis, each jitted once."""
+  """The rounds of a group of members mapped over a member axis, each jitted once.
+
+  Where the state lives (`placement`), as for `fedsparse.loop.SingleProgram`: on one device,
+  unless members or clients are sharded over several devices or processes (`on_mesh`). Then
+  the data, the keys and the members' values are replicated over the global mesh, and the
+  stacked state's member axis is split over its devices (`fedsparse.distributed.sharded`) when
+  the members divide evenly among them, else replicated. The round returns its metrics and
+  the evaluation its rows replicated, and `member_state` a member's state replicated: every
+  process reads the numbers from its own copy and checkpoints and exports every member.
+  """
+  multiprocess = True
 
   def __init__(self, configs: list[ml_collections.ConfigDict], traced: tuple[str, ...],
                strategy: str):
@@ -227,7 +267,6 @@ class _GroupProgram(loop.Program):
     self.num_members = len(configs)
     base = configs[0]
     self.traced = traced
-    self.member_mapping = engine.ClientMapping(strategy)
     dataset = data_lib.load_dataset(base.dataset, data_dir=base.get('data_dir') or None)
     # Each member's own split, model init and batch cap: the builder of a separate run.
     splits = [experiment.federated_split(c, dataset) for c in configs]
@@ -247,6 +286,7 @@ class _GroupProgram(loop.Program):
         jnp.stack([fd.client_test_size for fd, _ in splits]))
     self.data = splits[0][0]  # the images (shared) and member 0's split, replaced per member
     self.mapping = experiment.client_mapping(base)
+    self.member_mapping = _member_mapping(strategy, self.mapping)
     if self.member_mapping.resolved() == 'sharded' and self.mapping.resolved() == 'sharded':
       raise ValueError('members and clients cannot both be sharded; use strategy=sequential '
                        'or vmap for the clients of a sharded sweep')
@@ -282,7 +322,61 @@ class _GroupProgram(loop.Program):
     self.round_keys = _stack([experiment.round_stream(c.seed) for c in configs])
     self.eval_keys = _stack([experiment.eval_stream(c.seed) for c in configs])
     self.evaluator = engine.make_evaluator(self.model.apply, base.eval_batch_size, jitted=False)
-    self._round = self._evaluate = self._init = None
+    self._round = self._evaluate = self._init = self._take = self._stacker = None
+    self.placement = None  # the default device's, off the mesh
+    self.on_mesh = jax.process_count() > 1 or 'sharded' in (self.member_mapping.resolved(),
+                                                            self.mapping.resolved())
+    if self.on_mesh:
+      self._place()
+
+  def _place(self) -> None:
+    """Puts the group's inputs on the global mesh and decides where its state lives."""
+    # A computation over the global mesh takes global arrays only (identical in every process:
+    # each builds them from the same configs and data).
+    for name in ('data', 'member_data', 'values', 'params', 'algorithm_keys', 'round_keys',
+                 'eval_keys'):
+      setattr(self, name, distributed.to_global(getattr(self, name)))
+    devices, processes = jax.device_count(), jax.process_count()
+    where = f'{devices} device(s) of {processes} process(es)'
+    if self.member_mapping.resolved() != 'sharded':
+      self.placement = distributed.replicated()
+      logging.info('Sweep group of %d member(s): the clients are sharded over %s, so every '
+                   'device maps all members (%s); the group state is replicated.',
+                   self.num_members, where, self.member_mapping.local_strategy)
+    elif self.num_members % devices == 0:
+      self.placement = distributed.sharded()
+      logging.info('Sweep group of %d member(s): the member axis is sharded over %s, %d '
+                   'member(s) per device (%s).', self.num_members, where,
+                   self.num_members // devices, self.member_mapping.local_strategy)
+    else:
+      # An uneven split has no NamedSharding; the round pads the members to a multiple of the
+      # devices (copies of member 0, dropped) and gathers its outputs.
+      self.placement = distributed.replicated()
+      per_device = -(-self.num_members // devices)
+      logging.info('Sweep group of %d member(s): the members do not divide evenly over %s, so '
+                   'the group state is replicated (the round pads them to %d, %d per device, '
+                   '%s).', self.num_members, where, per_device * devices, per_device,
+                   self.member_mapping.local_strategy)
+
+  def key(self, key):
+    return distributed.to_global(key) if self.on_mesh else key
+
+  def _jit(self, fn, out_shardings, **kwargs):
+    """`fedsparse.engine.jit`, given ``out_shardings`` on the mesh (else the compiler's choice).
+
+    On the mesh the outputs' placement is part of the contract, not left to the compiler:
+    every process must hold what it reads, checkpoints or exports.
+    """
+    if self.on_mesh:
+      kwargs['out_shardings'] = out_shardings
+    return engine.jit(fn, batched_clients=self.batched, **kwargs)
+
+  def _round_index(self, t: int) -> jax.Array:
+    return distributed.to_global(np.int32(t)) if self.on_mesh else jnp.int32(t)
+
+  def _to_host(self, tree: Any) -> Any:
+    # Global arrays are read from this process's copy; otherwise one device_get for the tree.
+    return distributed.to_host(tree) if self.on_mesh else jax.device_get(tree)
 
   def member_algorithm(self, i: int) -> engine.Algorithm:
     """Member ``i``'s algorithm with its own (concrete) values, for host coding and export."""
@@ -315,19 +409,36 @@ class _GroupProgram(loop.Program):
 
   def init(self):
     if self._init is None:
-      self._init = engine.jit(self._init_all, batched_clients=self.batched)
+      self._init = self._jit(self._init_all, self.placement)
     return self._init(*self._init_args())
 
   def abstract_state(self):
-    return jax.eval_shape(self._init_all, *self._init_args())
+    abstract = jax.eval_shape(self._init_all, *self._init_args())
+    if not self.on_mesh:
+      return abstract
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.placement),
+                        abstract)
 
   def member_state(self, state, i):
     if isinstance(jax.tree.leaves(state)[0], jax.ShapeDtypeStruct):
-      return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), state)
-    return jax.tree.map(lambda x: x[i], state)
+      # A resume restores each member's checkpoint replicated (whatever devices wrote it).
+      kwargs = {'sharding': distributed.replicated()} if self.on_mesh else {}
+      return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype, **kwargs), state)
+    if not self.on_mesh:
+      return jax.tree.map(lambda x: x[i], state)
+    if self._take is None:
+      # One compile for every member (the index is an operand); the member's state gathered
+      # to every device, so each process holds all of it (orbax saves it in concert).
+      self._take = engine.jit(lambda s, j: jax.tree.map(lambda x: x[j], s),
+                              out_shardings=distributed.replicated())
+    return self._take(state, distributed.to_global(np.int32(i)))
 
   def stack(self, states):
-    return _stack(states)
+    if not self.on_mesh:
+      return _stack(states)
+    if self._stacker is None:
+      self._stacker = engine.jit(_stack, out_shardings=self.placement)
+    return self._stacker(list(states))
 
   def _round_all(self, state, shared, values, split, bases):
     data, t = shared
@@ -340,15 +451,15 @@ class _GroupProgram(loop.Program):
     return self._map(one, (data, t), values, split, state, bases)
 
   def compile(self, state):
-    t = jnp.int32(0)
-    self._round = engine.jit(self._round_all, batched_clients=self.batched,
-                             donate_argnums=0).lower(
-        state, (self.data, t), self.values, self.member_data, self.round_keys).compile()
+    placement = (self.placement, distributed.replicated()) if self.on_mesh else None
+    self._round = self._jit(self._round_all, placement, donate_argnums=0).lower(
+        state, (self.data, self._round_index(0)), self.values, self.member_data,
+        self.round_keys).compile()
 
   def step(self, state, t):
-    state, metrics = self._round(state, (self.data, jnp.int32(t)), self.values,
+    state, metrics = self._round(state, (self.data, self._round_index(t)), self.values,
                                  self.member_data, self.round_keys)
-    metrics = jax.device_get(metrics)
+    metrics = self._to_host(metrics)
     return state, [{k: v[i] for k, v in metrics.items()} for i in range(self.num_members)]
 
   def _evaluate_all(self, state, shared, values, split, bases):
@@ -360,9 +471,10 @@ class _GroupProgram(loop.Program):
 
   def evaluate(self, state, t):
     if self._evaluate is None:
-      self._evaluate = engine.jit(self._evaluate_all, batched_clients=self.batched)
-    out = jax.device_get(self._evaluate(state, (self.data, jnp.int32(t)), self.values,
-                                        self.member_data, self.eval_keys))
+      self._evaluate = self._jit(self._evaluate_all, distributed.replicated()
+                                 if self.on_mesh else None)
+    out = self._to_host(self._evaluate(state, (self.data, self._round_index(t)), self.values,
+                                       self.member_data, self.eval_keys))
     return [{k: float(v[i]) for k, v in out.items()} for i in range(self.num_members)]
 
 
@@ -384,7 +496,12 @@ def _static_key(config: ml_collections.ConfigDict, traced: tuple[str, ...]) -> s
 
 
 def _write_status(entry: _Entry, stage: str = 'run') -> None:
-  """``stage``: where a failure happened, ``config`` (re-checked on every run) or ``run``."""
+  """``stage``: where a failure happened, ``config`` (re-checked on every run) or ``run``.
+
+  Written by process 0 only: in a multi-process job the others hold the same fate.
+  """
+  if not distributed.is_primary():
+    return
   entry.workdir.mkdir(parents=True, exist_ok=True)
   workdir_lib.write_atomic(entry.workdir / STATUS_FILE, json.dumps(
       {'status': entry.status, 'error': entry.error, 'overrides': entry.overrides,
@@ -403,30 +520,47 @@ def run_sweep(base: ml_collections.ConfigDict, members: Sequence[dict[str, Any]]
               retry_failed: bool = False) -> list[dict[str, Any]]:
   """Runs (or resumes) every member of a sweep and returns the summary (`summary_table`).
 
+  In a multi-process `jax.distributed` job every process calls it with the same arguments
+  (checked first). Each group's members are then sharded over the devices of all processes
+  (`_GroupProgram`); process 0 locks the directories, decides from their files which members
+  still run (its verdicts are broadcast) and writes every file but the checkpoints, which all
+  processes save in concert (`fedsparse.loop.run_members`). An error that stops a group in
+  some processes stops it in all (`fedsparse.distributed.agree_on_error`), so every process
+  returns the same statuses.
+
   Args:
     base: the experiment config every member starts from.
     members: the members' overrides (`sweep`, `product`, ...); names must be distinct.
     workdir: ``DIR``; member ``m`` runs in ``DIR/<member_name(m)>/``, and ``DIR/summary.csv``
       lists them all.
     strategy: how a group maps its members (`fedsparse.engine.STRATEGIES`; ``auto``:
-      ``sequential`` on the CPU, ``vmap`` elsewhere).
+      ``sequential`` on the CPU, ``vmap`` elsewhere; in a multi-process job the members are
+      sharded over all devices and ``strategy`` maps each device's share, see
+      `_member_mapping`).
     retry_failed: rerun members recorded as failed (by default they are kept as they are).
 
   Returns:
     One summary row per member, in the sweep's order.
 
   Raises:
-    UsageError: an empty sweep, duplicate member names, an unknown strategy, or a workdir that
-      cannot be used (before anything runs). Errors of single members are recorded, not raised.
+    UsageError: an empty sweep, duplicate member names, an unknown strategy, a workdir that
+      cannot be used, or processes that disagree on the sweep (before anything runs). Errors
+      of single members are recorded, not raised.
   """
   root = pathlib.Path(workdir)
+  # Before any check that could fail in some processes only (the others would wait for them in
+  # a collective): the processes of a job must run the same sweep into the same directory.
+  try:
+    distributed.check_same([base.to_dict(), list(members), str(root.absolute()), strategy,
+                            retry_failed], 'the sweep (its base config, members, --workdir, '
+                           '--member_mapping or --retry_failed)')
+  except ValueError as err:
+    raise UsageError(str(err)) from None
   if not members:
     raise UsageError('The sweep has no members.')
   if strategy not in engine.STRATEGIES:
     raise UsageError(f'Unknown sweep strategy {strategy!r}; valid: '
                      f'{", ".join(engine.STRATEGIES)}.')
-  if strategy == 'auto':
-    strategy = 'sequential' if jax.default_backend() == 'cpu' else 'vmap'
   entries = [_Entry(member_name(m), dict(m), root / member_name(m)) for m in members]
   names = [e.name for e in entries]
   duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -446,10 +580,20 @@ def run_sweep(base: ml_collections.ConfigDict, members: Sequence[dict[str, Any]]
   # Traced: the swept keys whose values enter the round as numbers. Chosen from the sweep (not
   # from a group's values), so a member's state has the same structure on every resume.
   traced = experiment.traced_keys(base, swept)
-  workdir_lib.make_workdir(root)
-  with workdir_lib.lock(root):
+  with contextlib.ExitStack() as held:
+    # Process 0 alone creates and locks DIR (the others learn whether it could); all must see
+    # the same directory, where they read the members' files and save checkpoints.
+    workdir_lib.on_primary(lambda: _open_root(root, held), None)
+    workdir_lib.check_shared(root)
     for e in entries:
-      _prepare(e, base, retry_failed)
+      _configure(e, base)
+    # Process 0 judges the members' directories; its verdicts hold in every process.
+    workdir_lib.on_primary(lambda: [_prepare(e, retry_failed) for e in entries], None,
+                     what='read the members\' directories')
+    fates = distributed.broadcast_json([[e.status, e.error, e.stage, e.seconds]
+                                        for e in entries])
+    for e, (status, error, stage, seconds) in zip(entries, fates):
+      e.status, e.error, e.stage, e.seconds = status, error, stage, seconds
     unusable = [e for e in entries if e.status == 'unusable']
     if unusable:
       raise UsageError(
@@ -466,14 +610,30 @@ def run_sweep(base: ml_collections.ConfigDict, members: Sequence[dict[str, Any]]
       groups.setdefault(_static_key(e.config, traced), []).append(e)
     logging.info('Sweep: %d members, %d to run in %d group(s) (traced: %s; members mapped by '
                  '%s).', len(entries), len(pending), len(groups), ', '.join(traced) or 'seed',
-                 strategy)
+                 _describe_mapping(strategy))
     for g, group in enumerate(groups.values()):
       for e in group:
         e.group = g
       _run_group(group, traced, strategy)
     rows = summary_table(entries)
-    write_summary(rows, root / SUMMARY_FILE)
+    if distributed.is_primary():
+      write_summary(rows, root / SUMMARY_FILE)
   return rows
+
+
+def _describe_mapping(strategy: str) -> str:
+  """How members are mapped, for the log (`_member_mapping` decides per group)."""
+  local = engine.default_strategy() if strategy in ('auto', 'sharded') else strategy
+  if jax.process_count() > 1:
+    return (f'sharded over the {jax.device_count()} devices of {jax.process_count()} processes, '
+            f'{local} on each, unless the clients are sharded')
+  return engine.default_strategy() if strategy == 'auto' else strategy
+
+
+def _open_root(root: pathlib.Path, held: contextlib.ExitStack) -> None:
+  """Creates the sweep's directory if needed and locks it until ``held`` closes."""
+  workdir_lib.make_workdir(root)
+  held.enter_context(workdir_lib.lock(root))
 
 
 def _get(config: ml_collections.ConfigDict, key: str) -> Any:
@@ -486,28 +646,33 @@ def _get(config: ml_collections.ConfigDict, key: str) -> Any:
   return node
 
 
-def _prepare(e: _Entry, base: ml_collections.ConfigDict, retry_failed: bool) -> None:
-  """Builds and validates a member's config; decides whether it still has to run.
-
-  Raises:
-    UsageError: the member's workdir holds a run of another config, or more rounds than
-      ``num_rounds`` (what `fedsparse.train.run` refuses), before anything runs.
-  """
-  status = _read_status(e.workdir)
-  e.seconds = status.get('seconds', 0.0)
+def _configure(e: _Entry, base: ml_collections.ConfigDict) -> None:
+  """Builds and validates a member's config (in every process: no files are read)."""
   try:
     e.config = member_config(base, e.overrides)
     experiment.validate_config(e.config)
-    saved = experiment.saved_config(e.config, experiment.algorithm_hparams(e.config))
+    e.saved = experiment.saved_config(e.config, experiment.algorithm_hparams(e.config))
   except (ValueError, TypeError) as err:
     # Recomputed on every run (never read back): fixing the base config fixes the member.
     e.status, e.error, e.stage = 'failed', f'{type(err).__name__}: {err}', 'config'
+
+
+def _prepare(e: _Entry, retry_failed: bool) -> None:
+  """Decides from its directory whether a configured member (`_configure`) still has to run.
+
+  Marks it ``done``, ``failed`` (kept from an earlier run), ``unusable`` (its directory holds a
+  run of another config, or more rounds than ``num_rounds``: what `fedsparse.train.run`
+  refuses; `run_sweep` then fails before anything runs) or leaves it ``pending``.
+  """
+  status = _read_status(e.workdir)
+  e.seconds = status.get('seconds', 0.0)
+  if e.stage == 'config':
     return
   if status.get('status') == 'failed' and status.get('stage') == 'run' and not retry_failed:
     e.status, e.error = 'failed', status.get('error', '')
     return
   try:
-    workdir_lib.check_resumable(e.workdir, saved, e.config, log=False)
+    workdir_lib.check_resumable(e.workdir, e.saved, e.config, log=False)
   except UsageError as err:
     e.status, e.error = 'unusable', str(err).split('; use a new --workdir')[0]
     return
@@ -518,39 +683,47 @@ def _prepare(e: _Entry, base: ml_collections.ConfigDict, retry_failed: bool) -> 
 
 
 def _run_group(group: list[_Entry], traced: tuple[str, ...], strategy: str) -> None:
-  """Runs one group (split further by the round each member resumes from)."""
+  """Runs one group (split further by the round each member resumes from).
+
+  In a multi-process job every process runs the same group: errors are agreed on
+  (`fedsparse.distributed.agree_on_error`) and process 0's verdicts broadcast, so that all
+  processes take the same path and record the same fates.
+  """
   t0 = time.perf_counter()
+  program = error = None
   try:
     program = _GroupProgram([e.config for e in group], traced, strategy)
-  except _MemberFailures as err:
+  except Exception as err:  # pylint: disable=broad-except -- recorded per member
+    error = err
+  error = distributed.agree_on_error(error)
+  if isinstance(error, _MemberFailures):
     # Those members alone fail; the others keep their one compile.
-    for i, failure in err.failures.items():
+    for i, failure in error.failures.items():
       _fail_all([group[i]], failure)
-    rest = [e for i, e in enumerate(group) if i not in err.failures]
+    rest = [e for i, e in enumerate(group) if i not in error.failures]
     if rest:
       _run_group(rest, traced, strategy)
     return
-  except Exception as err:  # pylint: disable=broad-except -- recorded per member
+  if error is not None:
     if len(group) > 1:
       # E.g. seeds whose partitions keep different numbers of clients: each member alone.
       logging.info('Sweep: the group cannot run as one (%s); running its members one by one.',
-                   err)
+                   error)
       for e in group:
         _run_group([e], traced, strategy)
     else:
-      _fail_all(group, err)
+      _fail_all(group, error)
     return
   by_start: dict[int, list[int]] = {}
   with contextlib.ExitStack() as stack:
-    members = {}
+    # Busy (a run of its own holds it) or unwritable: nothing about the member is wrong, so
+    # nothing is recorded in its workdir; the next run of the sweep tries again.
+    busy = dict(distributed.broadcast_json(workdir_lib.on_primary(
+        lambda: _lock_members(group, stack), [], what='lock the members\' directories')))
+    members, outcomes = {}, []
     for i, e in enumerate(group):
-      try:
-        workdir_lib.make_workdir(e.workdir)
-        stack.enter_context(workdir_lib.lock(e.workdir))
-      except UsageError as err:
-        # Busy (a run of its own holds it) or unwritable: nothing about the member is wrong,
-        # so nothing is recorded in its workdir; the next run of the sweep tries again.
-        e.status, e.error = 'failed', f'{type(err).__name__}: {err}'
+      if str(i) in busy:
+        e.status, e.error = 'failed', busy[str(i)]
         continue
       try:
         saved = experiment.saved_config(e.config, program.hparams[i])
@@ -559,35 +732,74 @@ def _run_group(group: list[_Entry], traced: tuple[str, ...], strategy: str) -> N
                                  program.member_algorithm(i))
       except Exception as err:  # pylint: disable=broad-except -- recorded per member
         _fail_all([e], err)
+        outcomes.append([i, _message(err)])
         continue
+      outcomes.append([i, start, history])
       by_start.setdefault(start, []).append(i)
+    try:
+      # Each process read the directories itself (it restores from them): they must resume
+      # the same members from the same rounds, as for a single run.
+      distributed.check_same(outcomes, 'the state of the members\' directories')
+    except ValueError as err:
+      _fail_all([group[i] for i in members], err)
+      by_start = {}
     for start, indices in sorted(by_start.items()):
       t1 = time.perf_counter()
       for i in indices:
         group[i].status = 'running'
         _write_status(group[i])
+      error = None
       try:
         sub = program if len(indices) == len(group) else _GroupProgram(
             [group[i].config for i in indices], traced, strategy)
         loop.run_members(sub, [members[i] for i in indices], start)
       except Exception as err:  # pylint: disable=broad-except -- recorded per member
-        logging.error('Sweep group failed: %s', traceback.format_exc())
-        _fail_all([group[i] for i in indices], err)
+        error = err
+      error = distributed.agree_on_error(error)
+      if error is not None:
+        logging.error('Sweep group failed: %s', ''.join(traceback.format_exception(error)))
+        _fail_all([group[i] for i in indices], error)
         continue
       seconds = time.perf_counter() - t1
-      for i in indices:
-        e, m = group[i], members[i]
+      # Process 0's account of its members' fates (it wrote their rows) holds in every process.
+      fates = distributed.broadcast_json(
+          [None if members[i].error is None else _message(members[i].error, first_line=False)
+           for i in indices])
+      for i, fate in zip(indices, fates):
+        e = group[i]
         e.seconds += seconds
-        if m.error is None:
-          e.status, e.error = 'done', ''
-        else:
-          e.status, e.error = 'failed', f'{type(m.error).__name__}: {m.error}'
+        e.status, e.error = ('done', '') if fate is None else ('failed', fate)
         _write_status(e)
   logging.info('Sweep group of %d member(s) took %.1f s.', len(group), time.perf_counter() - t0)
 
 
+def _lock_members(group: list[_Entry], stack: contextlib.ExitStack) -> list[tuple[str, str]]:
+  """Creates and locks the members' directories until ``stack`` closes (process 0's work).
+
+  Returns:
+    ``(index, error)`` of each member whose directory cannot be used (the index as a string:
+    the list is sent to the other processes as JSON).
+  """
+  busy = []
+  for i, e in enumerate(group):
+    try:
+      workdir_lib.make_workdir(e.workdir)
+      stack.enter_context(workdir_lib.lock(e.workdir))
+    except UsageError as err:
+      busy.append((str(i), f'{type(err).__name__}: {err}'))
+  return busy
+
+
+def _message(err: BaseException, first_line: bool = True) -> str:
+  """``err`` as recorded in ``status.json`` and the summary."""
+  text = str(err)
+  if first_line:
+    text = text.splitlines()[0] if text else ''
+  return f'{type(err).__name__}: {text}'
+
+
 def _fail_all(entries: list[_Entry], err: BaseException) -> None:
-  message = f'{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""}'
+  message = _message(err)
   for e in entries:
     e.status, e.error = 'failed', message
     _write_status(e)

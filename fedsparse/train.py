@@ -16,9 +16,7 @@ import os
 import pathlib
 from typing import Any
 
-import jax
 import ml_collections
-import numpy as np
 
 from fedsparse import distributed
 from fedsparse import experiment
@@ -71,9 +69,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike[str], *,
                            'the config, --workdir or --overwrite')
   with contextlib.ExitStack() as held:
     # Only process 0 creates and locks the workdir; the others learn whether it could.
-    created, had_lock_file = _on_primary(lambda: _open_workdir(workdir, held), (False, True))
+    created, had_lock_file = workdir_lib.on_primary(lambda: _open_workdir(workdir, held), (False, True))
     try:
-      _check_shared(workdir)
+      workdir_lib.check_shared(workdir)
       with usage_errors():
         exp = build_experiment(config)  # data, model, abstract init: may still reject input
       saved = experiment.saved_config(config, exp.hparams)
@@ -109,42 +107,6 @@ def _open_workdir(workdir: pathlib.Path, held: contextlib.ExitStack) -> tuple[bo
   had_lock_file = (workdir / workdir_lib.LOCK_FILE).exists()
   held.enter_context(workdir_lib.lock(workdir))
   return created, had_lock_file
-
-
-def _on_primary(fn: Any, others: Any) -> Any:
-  """``fn()`` in process 0 (returned there), ``others`` in the other processes.
-
-  A `UsageError` of ``fn`` is raised in every process: the others would otherwise go on to
-  wait in a collective that process 0 never reaches.
-  """
-  result, error = others, None
-  if distributed.is_primary():
-    try:
-      result = fn()
-    except UsageError as e:
-      error = e
-  failed = distributed.broadcast(np.int32(error is not None))
-  if error is not None:
-    raise error
-  if failed:
-    raise UsageError('Process 0 could not create or lock the workdir; its output says why.')
-  return result
-
-
-def _check_shared(workdir: pathlib.Path) -> None:
-  """Checks that every process sees the workdir that process 0 locked.
-
-  Every process reads the workdir (to resume) and writes checkpoints into it (orbax saves in
-  concert): it must be one directory, on a filesystem every host shares. The lock file, which
-  names process 0's pid, host and start time, is what they compare.
-  """
-  if jax.process_count() == 1:
-    return
-  path = workdir / workdir_lib.LOCK_FILE
-  with usage_errors():
-    distributed.check_same(path.read_text() if path.exists() else None,
-                           f'{str(path)!r} (--workdir must be one directory on a filesystem '
-                           'that every host shares)')
 
 
 @contextlib.contextmanager

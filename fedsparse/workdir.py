@@ -29,14 +29,18 @@ import time
 from typing import Any, Iterator
 
 from absl import logging
+import jax
 import ml_collections
+import numpy as np
 
+from fedsparse import distributed
 from fedsparse.algorithms import registry
 
 __all__ = ['CHECKPOINT_DIR', 'CONFIG_FILE', 'EVENTS_GLOB', 'METRICS_FILE', 'MODEL_FILE',
            'OPERATIONAL_KEYS', 'EventWriter', 'UsageError', 'WorkdirBusy', 'check_resumable',
-           'checkpoint_manager', 'checkpoint_steps', 'clear', 'config_differences', 'flatten',
-           'json_row', 'lock', 'make_workdir', 'read_metrics', 'write_atomic']
+           'check_shared', 'checkpoint_manager', 'checkpoint_steps', 'clear',
+           'config_differences', 'flatten', 'json_row', 'lock', 'make_workdir', 'on_primary',
+           'read_metrics', 'write_atomic']
 
 # Keys that may differ between a workdir's config.json and a resumed run's config.
 OPERATIONAL_KEYS = frozenset({'num_rounds', 'eval_every', 'eval_batch_size',
@@ -320,3 +324,43 @@ def checkpoint_manager(workdir: pathlib.Path, every: int):
   options = ocp.CheckpointManagerOptions(max_to_keep=1, save_interval_steps=max(every, 1),
                                          enable_async_checkpointing=False)
   return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=options)
+
+
+def on_primary(fn: Any, others: Any, what: str = 'create or lock the workdir') -> Any:
+  """``fn()`` in process 0 (returned there), ``others`` in the other processes.
+
+  An error of ``fn`` is raised in every process: the others would otherwise go on to wait in a
+  collective that process 0 never reaches. Process 0 raises it as it is; the others raise a
+  `UsageError` saying that process 0 could not do ``what``. Used for what process 0 alone does
+  to a workdir (create, lock and read it), by `fedsparse.train.run` and by `fedsparse.sweep`.
+  """
+  result, error = others, None
+  if distributed.is_primary():
+    try:
+      result = fn()
+    except Exception as e:  # pylint: disable=broad-except -- raised below, in every process
+      error = e
+  failed = distributed.broadcast(np.int32(error is not None))
+  if error is not None:
+    raise error
+  if failed:
+    raise UsageError(f'Process 0 could not {what}; its output says why.')
+  return result
+
+
+def check_shared(workdir: pathlib.Path) -> None:
+  """Checks that every process sees the workdir that process 0 locked (a run's or a sweep's).
+
+  Every process reads the workdir (to resume) and writes checkpoints into it (orbax saves in
+  concert): it must be one directory, on a filesystem every host shares. The lock file, which
+  names process 0's pid, host and start time, is what they compare.
+  """
+  if jax.process_count() == 1:
+    return
+  path = workdir / LOCK_FILE
+  try:
+    distributed.check_same(path.read_text() if path.exists() else None,
+                           f'{str(path)!r} (--workdir must be one directory on a filesystem '
+                           'that every host shares)')
+  except ValueError as e:
+    raise UsageError(str(e)) from None

@@ -130,8 +130,8 @@ def test_every_algorithm_trains_the_same_cohorts():
   runs = [algorithms.fedavg(linear_apply, **common),
           algorithms.fedavg(linear_apply, server_optimizer=optax.sgd(1.0, momentum=0.9),
                             **common),
-          algorithms.ssfl(linear_apply, density=0.5, prunable=lambda path, leaf: path[-1] == 'w',
-                          **common)]
+          algorithms.ssfl(linear_apply, density=0.5,
+                          is_prunable=lambda path, leaf: path[-1] == 'w', **common)]
   cohorts = []
   for alg in runs:
     state = alg.init(jax.random.key(0), init_params(), fd)

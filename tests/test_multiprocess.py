@@ -1,11 +1,13 @@
 """Multi-process runs: two `jax.distributed` processes on localhost, one CPU device each.
 
 They must compute what one process with two devices computes (the same two-shard layout of the
-``sharded`` strategy), resume from their checkpoint, and write each file once. Every run is a
-subprocess (this test process has 8 devices, see conftest) with a timeout, so that a hang fails
-the test instead of blocking the suite.
+``sharded`` strategy, over clients for a run and over members for a sweep), resume from their
+checkpoint, and write each file once. Every run is a subprocess (this test process has 8
+devices, see conftest) with a timeout, so that a hang fails the test instead of blocking the
+suite.
 """
 
+import csv
 import json
 import os
 import pathlib
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -26,6 +29,17 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = [sys.executable, '-m', 'experiments.run',
         '--config=experiments/configs/digits_fedavg.py:smoke', '--config.model=mlp',
         '--config.strategy=sharded', '--config.checkpoint_every=2']
+SWEEP_ARGS = [sys.executable, '-m', 'experiments.sweep',
+              '--config=experiments/configs/digits_fedavg.py:smoke', '--config.model=mlp',
+              '--config.checkpoint_every=2']
+# Two members, so that each of two devices holds one (the member axis sharded).
+SWEEP_FILE = """from fedsparse import sweep
+
+
+def get_sweep(arg=None):
+  return sweep.sweep('learning_rate', [0.05, 0.1])
+"""
+SWEEP_MEMBERS = ['learning_rate=0.05', 'learning_rate=0.1']
 TIMEOUT = 180  # seconds for one launch; a run takes about 10 s of CPU per process
 
 
@@ -80,10 +94,14 @@ def _launch(commands: list[list[str]], env: dict[str, str] | list[dict[str, str]
 
 
 def _process_commands(workdir: pathlib.Path, extra: list[str],
-                      flags: list[list[str]] | None = None) -> list[list[str]]:
-  """The run's command line in each of two processes (``flags``: further flags per process)."""
+                      flags: list[list[str]] | None = None,
+                      command: list[str] | None = None) -> list[list[str]]:
+  """The command line in each of two processes.
+
+  ``command`` defaults to the run's (`ARGS`); ``flags`` adds further flags per process.
+  """
   port = _free_port()
-  return [ARGS + extra + (flags[i] if flags else []) + [
+  return [(command or ARGS) + extra + (flags[i] if flags else []) + [
       f'--workdir={workdir}', f'--coordinator_address=localhost:{port}',
       '--num_processes=2', f'--process_id={i}'] for i in range(2)]
 
@@ -189,6 +207,111 @@ def test_a_checkpoint_of_eight_devices_resumes_on_one(tmp_path):
   assert [r['round'] for r in _rows(tmp_path / 'run')] == [1, 2, 3]
 
 
+def _sweep_command(tmp_path: pathlib.Path) -> list[str]:
+  """`SWEEP_ARGS` with `SWEEP_FILE` written into ``tmp_path``."""
+  path = tmp_path / 'lr_sweep.py'
+  path.write_text(SWEEP_FILE)
+  return SWEEP_ARGS + [f'--sweep={path}']
+
+
+def _summary(root: pathlib.Path) -> list[dict[str, str]]:
+  with (root / 'summary.csv').open() as f:
+    return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_a_sweep_in_two_processes_computes_what_one_process_with_two_devices_does(tmp_path):
+  """A 2-member sweep in 2 processes computes what 1 process with 2 devices does, resumed too.
+
+  2 rounds in 2 processes (one member on each process's device), resumed to 4; the reference
+  runs 4 rounds in 1 process, its members sharded over its 2 devices.
+  """
+  command = _sweep_command(tmp_path)
+  reference, root, logs = tmp_path / 'reference', tmp_path / 'multi', tmp_path / 'logs'
+  # The reference runs beside the first two processes (the machine may have 2 cores only).
+  codes, outputs = _launch(
+      [command + ['--member_mapping=sharded', '--config.num_rounds=4', f'--workdir={reference}']]
+      + _process_commands(root, ['--config.num_rounds=2'], command=command),
+      [_env(devices=2)] + [_env(devices=1)] * 2, logs)
+  _check(codes, outputs)
+  # `auto` shards the members of a multi-process sweep, as the reference asked for explicitly.
+  for out in outputs[:2]:
+    assert 'the member axis is sharded over 2 device(s)' in out, out
+  expected = {m: _rows(reference / m) for m in SWEEP_MEMBERS}
+  assert [len(rows) for rows in expected.values()] == [4, 4]
+  assert expected[SWEEP_MEMBERS[0]][0]['train_loss'] != expected[SWEEP_MEMBERS[1]][0][
+      'train_loss']  # the members differ: a mix-up would show
+  for m in SWEEP_MEMBERS:
+    _assert_same_rows(_rows(root / m), expected[m][:2])
+    # Each file once, by process 0 (one TensorBoard file per start); checkpoints by both.
+    assert _files(root / m) == ['.lock', 'checkpoints', 'config.json', 'events',
+                                'metrics.jsonl', 'status.json']
+    assert [p.name for p in (root / m / train.CHECKPOINT_DIR).iterdir()] == ['2']
+    assert json.loads((root / m / 'status.json').read_text())['status'] == 'done'
+  assert _files(root) == ['.lock'] + SWEEP_MEMBERS + ['summary.csv', 'summary.png']
+  assert [(r['member'], r['status'], r['rounds']) for r in _summary(root)] == [
+      (m, 'done', '2') for m in SWEEP_MEMBERS]
+  # Process 0 reports; the other process computes the same and says nothing.
+  assert '2 of 2 members finished' in outputs[1] and 'members finished' not in outputs[2]
+  assert 'round 2/2' in outputs[1] and 'round 2/2' not in outputs[2]
+
+  codes, outputs = _launch(_process_commands(root, ['--config.num_rounds=4'], command=command),
+                           _env(devices=1), logs)
+  _check(codes, outputs)
+  assert outputs[0].count('Resumed') == 2, outputs[0]
+  # Resumed after round 2, not run from round 1.
+  assert 'round 3/4' in outputs[0] and 'round 1/4' not in outputs[0], outputs[0]
+  for m in SWEEP_MEMBERS:
+    _assert_same_rows(_rows(root / m), expected[m])
+    assert _files(root / m) == ['.lock', 'checkpoints', 'config.json', 'events', 'events',
+                                'metrics.jsonl', 'status.json']
+    assert [p.name for p in (root / m / train.CHECKPOINT_DIR).iterdir()] == ['4']
+    assert json.loads((root / m / train.CONFIG_FILE).read_text()) == json.loads(
+        (reference / m / train.CONFIG_FILE).read_text())
+  assert [(r['member'], r['status'], r['rounds']) for r in _summary(root)] == [
+      (m, 'done', '4') for m in SWEEP_MEMBERS]
+
+
+def test_processes_with_different_sweeps_fail_fast(tmp_path):
+  """A process started with another sweep stops the whole job at once, before any file."""
+  root = tmp_path / 'multi'
+  codes, outputs = _launch(
+      _process_commands(root, ['--config.num_rounds=2'], flags=[[], ['--config.seed=1']],
+                        command=_sweep_command(tmp_path)),
+      _env(devices=1), tmp_path / 'logs')
+  assert codes == [run_lib.USAGE_ERROR] * 2, outputs
+  for out in outputs:
+    assert 'processes of this job disagree on the sweep' in out, out
+  assert not root.exists()
+
+
+# Two processes that agree on an error only one of them raised, and on process 0's decision.
+_AGREE = """
+import sys
+import jax
+from fedsparse import distributed
+distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
+error = ValueError('only here') if jax.process_index() == 1 else None
+agreed = distributed.agree_on_error(error)
+same = distributed.agree_on_error(KeyError('everywhere'))
+decided = distributed.broadcast_json({'done': [jax.process_index()] * 3})
+print('RESULT', type(agreed).__name__, agreed, '|', type(same).__name__, '|', decided)
+"""
+
+
+def test_processes_agree_on_an_error_that_one_of_them_raised(tmp_path):
+  port = _free_port()
+  codes, outputs = _launch(
+      [[sys.executable, '-c', _AGREE, f'localhost:{port}', str(i)] for i in range(2)],
+      _env(devices=1), tmp_path / 'logs')
+  _check(codes, outputs)
+  results = [next(line for line in out.splitlines() if line.startswith('RESULT'))
+             for out in outputs]
+  assert results[0] == results[1], results
+  assert results[0] == ("RESULT RuntimeError process(es) 1 of 2 failed, process 1 with "
+                        "ValueError: only here | KeyError | {'done': [0, 0, 0]}")
+
+
 @pytest.mark.parametrize('flags, message', [
     (['--num_processes=2'], 'missing: --coordinator_address, --process_id'),
     (['--coordinator_address=localhost', '--num_processes=2', '--process_id=0'],
@@ -214,3 +337,8 @@ def test_single_process_helpers():
   assert x['w'].sharding.is_fully_replicated and len(x['w'].sharding.device_set) == 8
   np.testing.assert_array_equal(distributed.to_host(x)['w'], np.arange(6).reshape(2, 3))
   assert int(distributed.broadcast(np.int32(3))) == 3
+  assert distributed.broadcast_json({'a': [1, None]}) == {'a': [1, None]}
+  error = ValueError('x')
+  assert distributed.agree_on_error(error) is error and distributed.agree_on_error(None) is None
+  y = jax.device_put(np.zeros((8, 2), np.float32), distributed.sharded())
+  assert [s.data.shape for s in y.addressable_shards] == [(1, 2)] * 8

@@ -89,18 +89,44 @@ def count_compiles(monkeypatch) -> list[int]:
 # Members equal separate runs.
 
 
+# Each traceable hyperparameter (registry Spec.traceable), two values, with settings that reach
+# every count the algorithm's layout carries: swept beside the seed and the learning rate.
+TRACED_DENSITIES = {
+    'ssfl': ('ssfl.density', [0.3, 0.1], {'ties': 'keep', 'warmup_rounds': 1}),
+    'feddst': ('feddst.sparsity', [0.7, 0.9], {'readjust_every': 1, 'readjust_end': 2}),
+    'random_mask': ('random_mask.sparsity', [0.5, 0.8], {}),
+    'flash': ('flash.density', [0.3, 0.15], {'mode': 'jmwst', 'hunt_epochs': 1}),
+}
+
+
+def test_every_traceable_hyperparameter_is_swept():
+  assert {k: v[0] for k, v in TRACED_DENSITIES.items()} == {
+      n: f'{n}.{algorithms.registry.get(n).traceable[0]}' for n in algorithms.registry.names()
+      if algorithms.registry.get(n).traceable}
+
+
 @pytest.mark.parametrize('algorithm', algorithms.registry.names())
 def test_every_algorithms_members_equal_separate_runs(algorithm, tmp_path, monkeypatch):
+  """Members differing in seed, learning rate and (where traceable) density: one compile, and
+  each equals its separate run; a one-member sweep equals the run bit for bit."""
   compiles = count_compiles(monkeypatch)
   base = digits(algorithm=algorithm)
-  members = sweep.zipit(sweep.sweep('seed', [0, 1]), sweep.sweep('learning_rate', [0.05, 0.1]))
+  axes = [sweep.sweep('seed', [0, 1]), sweep.sweep('learning_rate', [0.05, 0.1])]
+  if algorithm in TRACED_DENSITIES:
+    key, values, extra = TRACED_DENSITIES[algorithm]
+    for name, value in extra.items():
+      base[algorithm][name] = value
+    axes.append(sweep.sweep(key, values))
+  members = sweep.zipit(*axes)
   rows = sweep.run_sweep(base, members, tmp_path / 'sweep', strategy='sequential')
   assert [r['status'] for r in rows] == ['done', 'done'], rows
   assert compiles == [2]  # both members in one group, one compile
+  densities = set()
   for m in members:
     name = sweep.member_name(m)
     train.run(sweep.member_config(base, m), tmp_path / name)
     assert_rows_close(rows_of(tmp_path / 'sweep' / name), rows_of(tmp_path / name), 1e-5)
+    densities.add(rows_of(tmp_path / name)[-1].get('density'))
     if m is members[0]:
       # A sweep of one member is the same experiment as the run (the same builder): bit for bit.
       sweep.run_sweep(base, [m], tmp_path / 'one', strategy='sequential')
@@ -108,6 +134,8 @@ def test_every_algorithms_members_equal_separate_runs(algorithm, tmp_path, monke
     # The config a member records is its own: resuming it alone with train.run is allowed.
     assert (json.loads((tmp_path / 'sweep' / name / 'config.json').read_text())
             == json.loads((tmp_path / name / 'config.json').read_text()))
+  if algorithm in TRACED_DENSITIES:
+    assert len(densities) == 2  # the members really kept different counts
 
 
 @pytest.mark.parametrize('strategy', ['sequential', 'vmap'])
@@ -130,15 +158,10 @@ def test_every_traceable_key_is_traced_per_member(strategy, tmp_path, monkeypatc
   assert len(losses) == 3  # the members really differ (the same seed twice, too)
 
 
-# Each algorithm's traceable hyperparameter (registry Spec.traceable), two values, plus settings
-# that exercise every count the layout carries (SSFL's saliency mask: the ssfl_density test).
+# Variants of the traced densities above whose layouts carry other counts (per-layer ones).
 DENSITY_SWEEPS = {
-    'ssfl_keep_ties': ('ssfl.density', [0.3, 0.1], {'ties': 'keep', 'warmup_rounds': 1}),
     'ssfl_layerwise': ('ssfl.density', [0.3, 0.1],
                        {'mask': 'random_layerwise', 'layerwise_allocation': 'erk'}),
-    'feddst': ('feddst.sparsity', [0.7, 0.9], {'readjust_every': 1, 'readjust_end': 2}),
-    'random_mask': ('random_mask.sparsity', [0.5, 0.8], {}),
-    'flash_jmwst': ('flash.density', [0.3, 0.15], {'mode': 'jmwst', 'hunt_epochs': 1}),
     'flash_pdst': ('flash.density', [0.3, 0.15], {'mode': 'pdst'}),
 }
 

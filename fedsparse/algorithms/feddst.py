@@ -298,13 +298,13 @@ def server_merge(client_params: Any, client_masks: Any, weights: jax.Array, targ
 
 
 def _feddst_program(apply_fn: Callable[..., jax.Array], local: LocalConfig, hp: FedDSTHparams,
-                    prunable: Callable[..., bool] | None) -> ClientProgram:
+                    is_prunable: Callable[..., bool] | None) -> ClientProgram:
   """The client: masked local SGD, readjusting its mask at the end of one local epoch."""
 
   def readjust(state, ctx, steps_done, key):
     del steps_done, key
     return client_readjust(state.params, state.mask, state.grad, ctx.shared.prune_counts,
-                           masks.prunable_leaves(state.params, prunable))
+                           masks.prunable_leaves(state.params, is_prunable))
 
   def at(ctx, info):
     return ctx.shared.readjust & (info.last if hp.readjust_epoch < 0
@@ -319,7 +319,7 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
            learning_rate: float, lr_decay: float = 1.0,
            server_optimizer: optax.GradientTransformation | None = None,
            mapping: ClientMapping = ClientMapping(), num_rounds: int | None = None,
-           prunable: Callable[..., bool] | None = None, layout: Any = None,
+           is_prunable: Callable[..., bool] | None = None, layout: Any = None,
            **hparams: Any) -> Algorithm:
   """FedDST (Bibikar et al., AAAI 2022): dynamic sparse training with server-side mask merging.
 
@@ -334,7 +334,7 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
     server_optimizer: must be None: FedDST averages weights entry by entry (no server step).
     mapping: how clients are mapped.
     num_rounds: the run's length; ``R_end`` defaults to half of it.
-    prunable: optional predicate ``(path, leaf) -> bool`` overriding which leaves are pruned.
+    is_prunable: optional predicate ``(path, leaf) -> bool`` overriding which leaves are pruned.
     layout: :func:`feddst_layout`'s numbers, possibly traced, to use instead of deriving them
       from ``sparsity`` (a sweep over sparsities sets it).
     **hparams: the fields of :class:`FedDSTHparams`.
@@ -351,36 +351,36 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
       raise ValueError('readjust_end=0 means half the run: pass num_rounds, or set readjust_end.')
     end = num_rounds // 2
   _check_readjust_epoch(hp.readjust_epoch, local.num_epochs)
-  program = _feddst_program(apply_fn, local, hp, prunable)
+  program = _feddst_program(apply_fn, local, hp, is_prunable)
 
   def counts(params):
-    return layout if layout is not None else feddst_layout(hp, params, prunable, end)
+    return layout if layout is not None else feddst_layout(hp, params, is_prunable, end)
 
   def init(key: jax.Array, params: Any, data: FederatedData | None = None) -> FedDSTState:
     if data is None:
       raise ValueError('FedDST.init needs the federated data: the server tracks which mask '
                        'version every client of the population holds.')
-    prunable_ = masks.prunable_leaves(params, prunable)
+    prunable = masks.prunable_leaves(params, is_prunable)
     targets = counts(params)['targets']
     if hp.initial_mask == 'magnitude':
       scores = jax.tree.map(jnp.abs, params)
     else:
-      scores = masks.random_scores(key, params, prunable_)
-    mask = masks.layerwise_topk_traced(scores, prunable_, targets)
+      scores = masks.random_scores(key, params, prunable)
+    mask = masks.layerwise_topk_traced(scores, prunable, targets)
     return FedDSTState(params=masks.apply(params, mask), mask=mask,
                        round=jnp.zeros((), jnp.int32), mask_version=jnp.zeros((), jnp.int32),
                        client_mask_version=jnp.zeros((data.num_clients,), jnp.int32))
 
   def round_fn(state: FedDSTState, data: FederatedData, key: jax.Array
                ) -> tuple[FedDSTState, dict[str, jax.Array]]:
-    prunable_ = masks.prunable_leaves(state.params, prunable)
+    prunable = masks.prunable_leaves(state.params, is_prunable)
     plan = counts(state.params)
     targets = plan['targets']
     table = jnp.asarray(plan['schedule'])
     row = table[jnp.clip(state.round, 0, table.shape[0] - 1)]
     row = jnp.where(state.round < end, row, 0)
     readjust = jnp.any(row > 0)
-    counts_ = masks.layer_tree(row, state.params, prunable_)
+    counts_ = masks.layer_tree(row, state.params, prunable)
 
     drawn = draw_cohort(key, data.num_clients, cohort)
     lr = client_learning_rate(learning_rate, lr_decay, state.round)
@@ -389,10 +389,10 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
     client_params, client_masks = result.outputs
 
     weights = aggregation_weights(data.client_size[drawn.clients], cohort.weighted)
-    params, mask = server_merge(client_params, client_masks, weights, targets, prunable_,
+    params, mask = server_merge(client_params, client_masks, weights, targets, prunable,
                                 hp.vote_threshold)
 
-    entered, turnover = masks.turnover(mask, state.mask, prunable_)
+    entered, turnover = masks.turnover(mask, state.mask, prunable)
     changed = entered > 0
     stale = masks.stale_copies(state.client_mask_version, state.mask_version, drawn.clients)
     client_version = masks.delivered(state.client_mask_version, state.mask_version,
@@ -408,7 +408,7 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
     metrics = cohort_metrics(result, drawn.clients, weights, bits_up=bits_up,
                              bits_down=bits_down)
     metrics.update({
-        'density': masks.density(mask, prunable_),
+        'density': masks.density(mask, prunable),
         'readjusted': readjust.astype(jnp.float32),
         'alpha': jnp.where(readjust, alpha_t, 0.0),
         'mask_turnover': turnover,
@@ -421,17 +421,17 @@ def feddst(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: L
     return new_state, metrics
 
   return Algorithm(init=init, round=round_fn, eval_params=lambda state, key: state.params,
-                   layout=lambda params: feddst_layout(hp, params, prunable, end))
+                   layout=lambda params: feddst_layout(hp, params, is_prunable, end))
 
 
-def feddst_layout(hp: FedDSTHparams, params: Any, prunable: Callable[..., bool] | None,
+def feddst_layout(hp: FedDSTHparams, params: Any, is_prunable: Callable[..., bool] | None,
                   end: int) -> dict[str, Any]:
   """What FedDST derives from its sparsity and the model's shapes, exactly, on the host.
 
   Args:
     hp: the hyperparameters (``sparsity``, ``allocation``, the readjustment schedule).
     params: the model's params (only shapes are read).
-    prunable: the prunable predicate (None: conv and dense kernels).
+    is_prunable: the prunable predicate (None: conv and dense kernels).
     end: ``R_end``, the round from which no readjustment happens.
 
   Returns:
@@ -447,11 +447,11 @@ def feddst_layout(hp: FedDSTHparams, params: Any, prunable: Callable[..., bool] 
   Raises:
     ValueError: when the sparsity keeps no prunable weight.
   """
-  prunable_ = masks.prunable_leaves(params, prunable)
-  densities = masks.allocate_densities(params, prunable_, 1.0 - hp.sparsity, hp.allocation)
-  targets = masks.layer_counts(params, prunable_, densities)
-  ks = [kk for kk, f in zip(jax.tree.leaves(targets), jax.tree.leaves(prunable_)) if f]
-  sizes = masks.prunable_sizes(params, prunable_)
+  prunable = masks.prunable_leaves(params, is_prunable)
+  densities = masks.allocate_densities(params, prunable, 1.0 - hp.sparsity, hp.allocation)
+  targets = masks.layer_counts(params, prunable, densities)
+  ks = [kk for kk, f in zip(jax.tree.leaves(targets), jax.tree.leaves(prunable)) if f]
+  sizes = masks.prunable_sizes(params, prunable)
   if sum(ks) < 1:
     raise ValueError(f'sparsity {hp.sparsity} keeps no prunable weight; lower it.')
   on = set(readjust_rounds(end, hp.readjust_every, end))

@@ -489,7 +489,8 @@ def export_model(state: FedPMState, key: jax.Array) -> dict[str, np.ndarray]:
   Returns:
     Arrays for `numpy.savez`.
   """
-  sample = _sample(state.scores, key)
+  # Jitted: eagerly, every leaf shape would compile its sampling on its own.
+  sample = jax.jit(_sample)(state.scores, key)
   flat = np.asarray(flatten_mask(jax.tree.map(lambda m: m[None], sample)))[0]
   code = comm.bernoulli_encode(flat)
   return {'format': np.array(EXPORT_FORMAT), 'weights_key': np.asarray(state.weights_key),

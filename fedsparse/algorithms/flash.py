@@ -409,7 +409,7 @@ def _client_budgets(key: jax.Array, num_clients: int, num_budgets: int) -> jax.A
 
 
 def _flash_program(apply_fn: Callable[..., jax.Array], local: LocalConfig, hp: FLASHHparams,
-                   prunable: Callable[..., bool]) -> ClientProgram:
+                   is_prunable: Callable[..., bool]) -> ClientProgram:
   """The client: SGD under its budget's mask, with NST's prune and regrow when ``shared.nst``.
 
   NST prunes at the end of every local epoch but the last; with one local epoch there is no
@@ -428,7 +428,7 @@ def _flash_program(apply_fn: Callable[..., jax.Array], local: LocalConfig, hp: F
     total = jnp.maximum(ctx.client.num_steps, 1)
     rate = (r0.numerator * jnp.maximum(total - steps_done, 0), r0.denominator * total)
     return nst_prune_regrow(state.params, state.mask, rate,
-                            masks.prunable_leaves(state.params, prunable), key)
+                            masks.prunable_leaves(state.params, is_prunable), key)
 
   one_epoch = local.num_epochs == 1
   return masked_client(
@@ -438,9 +438,9 @@ def _flash_program(apply_fn: Callable[..., jax.Array], local: LocalConfig, hp: F
           info.step_in_epoch == ctx.client.steps_per_epoch // 2))
 
 
-def _prunable_predicate(hp: FLASHHparams, prunable: Callable[..., bool] | None
+def _prunable_predicate(hp: FLASHHparams, is_prunable: Callable[..., bool] | None
                         ) -> Callable[[tuple[str, ...], Any], bool]:
-  base = prunable or masks.default_prunable
+  base = is_prunable or masks.default_prunable
   patterns = [re.compile(p) for p in hp.exclude_patterns]
 
   def predicate(path, leaf):
@@ -448,10 +448,10 @@ def _prunable_predicate(hp: FLASHHparams, prunable: Callable[..., bool] | None
   return predicate
 
 
-def _check_exclusions(hp: FLASHHparams, params: Any, prunable: Callable[..., bool] | None
+def _check_exclusions(hp: FLASHHparams, params: Any, is_prunable: Callable[..., bool] | None
                       ) -> None:
   """Raises for an ``exclude_layers`` pattern that matches no prunable leaf (e.g. a typo)."""
-  base = prunable or masks.default_prunable
+  base = is_prunable or masks.default_prunable
   paths = ['/'.join(path) for path, leaf in zip(masks.leaf_paths(params), jax.tree.leaves(params))
            if base(path, leaf)]
   for pattern in hp.exclude_patterns:
@@ -477,7 +477,7 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
           learning_rate: float, lr_decay: float = 1.0,
           server_optimizer: optax.GradientTransformation | None = None,
           mapping: ClientMapping = ClientMapping(),
-          prunable: Callable[..., bool] | None = None, layout: Any = None,
+          is_prunable: Callable[..., bool] | None = None, layout: Any = None,
           **hparams: Any) -> Algorithm:
   """FLASH (Babakniya et al., TMLR 2023): SPDST, JMWST, hetero-FLASH and PDST.
 
@@ -489,8 +489,8 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
     lr_decay: per-round decay of the client learning rate.
     server_optimizer: must be None: FLASH averages weights (no server step).
     mapping: how clients are mapped (stage 1 too).
-    prunable: optional predicate ``(path, leaf) -> bool`` of the prunable leaves (default: conv
-      and dense kernels), before ``exclude_layers``.
+    is_prunable: optional predicate ``(path, leaf) -> bool`` of the prunable leaves
+      (default: conv and dense kernels), before ``exclude_layers``.
     layout: :func:`flash_layout`'s counts, possibly traced, to use instead of deriving them
       from ``density`` (a sweep over densities sets it).
     **hparams: the fields of :class:`FLASHHparams`.
@@ -506,46 +506,46 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
   by_slot = None
   if hp.hetero and hp.budget_assignment == 'slot':
     by_slot = slot_budgets(k, len(fractions))
-  predicate = _prunable_predicate(hp, prunable)
+  predicate = _prunable_predicate(hp, is_prunable)
   program = _flash_program(apply_fn, local, hp, predicate)
   hunt_local = dataclasses.replace(local, local_epochs=hp.hunt_epochs, local_steps=0)
   hunt_program = _flash_program(apply_fn, hunt_local, hp, predicate)
 
   def shapes(params):
-    prunable_ = masks.prunable_leaves(params, predicate)
-    sizes = masks.prunable_sizes(params, prunable_)
-    return prunable_, sizes, comm.num_elements(params) - sum(sizes)
+    prunable = masks.prunable_leaves(params, predicate)
+    sizes = masks.prunable_sizes(params, prunable)
+    return prunable, sizes, comm.num_elements(params) - sum(sizes)
 
   def counts(params):
     return layout if layout is not None else flash_layout(hp, params, predicate)
 
   def hunt(params, start, hunters, keys, data):
     """Stage 1: the hunters' NST from the start mask; their masks' per-layer counts [H, L]."""
-    prunable_ = masks.prunable_leaves(params, predicate)
+    prunable = masks.prunable_leaves(params, predicate)
     shared = FLASHBroadcast(params, jnp.float32(learning_rate),
                             jax.tree.map(lambda m: m[None], start),
                             jnp.zeros((hunters.shape[0],), jnp.int32), jnp.bool_(True))
     result = run_clients(hunt_program, shared, hunters, keys, data, hunt_local, mapping)
     _, client_masks = result.outputs
-    return jax.vmap(lambda m: masks.count_vector(m, prunable_))(client_masks)
+    return jax.vmap(lambda m: masks.count_vector(m, prunable))(client_masks)
 
   def init(key: jax.Array, params: Any, data: FederatedData | None = None) -> FLASHState:
     if data is None:
       raise ValueError('FLASH.init needs the federated data: stage 1 trains on it, and the '
                        'server tracks which mask every client of the population holds.')
-    _check_exclusions(hp, params, prunable)
+    _check_exclusions(hp, params, is_prunable)
     counts(params)  # fails for a density that keeps no weight
     # Under a trace (the run loop's eval_shape check) the caller compiles: no nested options.
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves((params, key)))
     return (init_state if traced else init_jit)(key, params, data)
 
   def init_state(key: jax.Array, params: Any, data: FederatedData) -> FLASHState:
-    prunable_, sizes, _ = shapes(params)
+    prunable, sizes, _ = shapes(params)
     plan = counts(params)
     n = data.num_clients
     start_key, hunter_key, client_key, final_key, budget_key = jax.random.split(key, 5)
-    start = masks.layerwise_topk_traced(masks.random_scores(start_key, params, prunable_),
-                                        prunable_, plan['start'])
+    start = masks.layerwise_topk_traced(masks.random_scores(start_key, params, prunable),
+                                        prunable, plan['start'])
     if hp.mode == 'pdst':
       mask = start
       # No hunters: one placeholder row with id -1 (checkpoints cannot hold empty arrays).
@@ -557,8 +557,8 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
       keys = jax.random.split(client_key, num_hunters)
       hunt_counts = hunt(params, start, hunters, keys, data)
       hunted = hunted_counts(hunt_counts, sizes, plan['total'])
-      empty = jax.tree.map(lambda m, f: jnp.zeros_like(m) if f else m, start, prunable_)
-      mask, _ = masks.regrow(empty, masks.layer_tree(hunted, params, prunable_), prunable_,
+      empty = jax.tree.map(lambda m, f: jnp.zeros_like(m) if f else m, start, prunable)
+      mask, _ = masks.regrow(empty, masks.layer_tree(hunted, params, prunable), prunable,
                              key=final_key)
     # PDST's mask comes from the shared seed (every client holds it); a hunted one must travel.
     held = 0 if hp.mode == 'pdst' else -1
@@ -575,12 +575,12 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
 
   def round_fn(state: FLASHState, data: FederatedData, key: jax.Array
                ) -> tuple[FLASHState, dict[str, jax.Array]]:
-    prunable_, sizes, dense = shapes(state.params)
+    prunable, sizes, dense = shapes(state.params)
     budget_total = counts(state.params)['total']
     drawn = draw_cohort(key, data.num_clients, cohort)
     lr = client_learning_rate(learning_rate, lr_decay, state.round)
     nst = jnp.bool_(hp.mode == 'jmwst') & (state.round % hp.mask_interval == 0)
-    stacked = budget_masks(state.params, state.mask, fractions, prunable_)
+    stacked = budget_masks(state.params, state.mask, fractions, prunable)
     budget = (jnp.asarray(by_slot) if by_slot is not None
               else state.client_budget[drawn.clients])
     shared = FLASHBroadcast(state.params, lr, stacked, budget, nst)
@@ -589,14 +589,14 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
 
     weights = aggregation_weights(data.client_size[drawn.clients], cohort.weighted)
     averaged = server_average(client_params, client_masks, weights, hp.aggregation)
-    count_vectors = jax.vmap(lambda m: masks.count_vector(m, prunable_))
+    count_vectors = jax.vmap(lambda m: masks.count_vector(m, prunable))
     up_counts = count_vectors(client_masks)  # [K, L]
     # A cond, not a select: the consensus ranks every layer, which rounds without NST skip.
     mask = jax.lax.cond(nst, lambda: mask_consensus(averaged, up_counts, budget_total,
-                                                    prunable_), lambda: state.mask)
+                                                    prunable), lambda: state.mask)
     params = masks.apply(averaged, mask)
     # Every mask keeps exactly K entries, so it changed iff it gained one.
-    gained, turnover = masks.turnover(mask, state.mask, prunable_)
+    gained, turnover = masks.turnover(mask, state.mask, prunable)
 
     # Bits: values in jit; mask messages (counts + enumerative code) on the host.
     down_counts = count_vectors(stacked)[budget]  # [K, L]
@@ -618,7 +618,7 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
                              bits_down=values_down)
     metrics.update({
         'bits_up_all': jnp.zeros((n,), jnp.int32), 'bits_down_all': jnp.zeros((n,), jnp.int32),
-        'density': masks.density(mask, prunable_),
+        'density': masks.density(mask, prunable),
         'mask_turnover': turnover,
         'payload_sizes': jnp.asarray(sizes, jnp.int32),
         'payload_up_counts': up_counts, 'payload_up_sent': up_sent,
@@ -628,7 +628,7 @@ def flash(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Lo
     })
     # Per-layer densities of the global mask (stage 1's hunted ones from round 1 on; JMWST's as
     # its mask moves), logged as scalars named by the layer's path.
-    masked = [m for m, f in zip(jax.tree.leaves(mask), jax.tree.leaves(prunable_)) if f]
+    masked = [m for m, f in zip(jax.tree.leaves(mask), jax.tree.leaves(prunable)) if f]
     for name, n, m in zip(_prunable_names(state.params, predicate), sizes, masked):
       metrics[f'layer_density/{name}'] = jnp.sum(m, dtype=jnp.float32) / n
     new_state = state._replace(params=params, mask=mask, round=state.round + 1,
@@ -717,8 +717,8 @@ def flash_layout(hp: FLASHHparams, params: Any, predicate: Callable[..., bool]) 
   Raises:
     ValueError: when the density keeps no weight (for PDST: of some layer).
   """
-  prunable_ = masks.prunable_leaves(params, predicate)
-  sizes = masks.prunable_sizes(params, prunable_)
+  prunable = masks.prunable_leaves(params, predicate)
+  sizes = masks.prunable_sizes(params, prunable)
   if masks.keep_count(hp.density, sum(sizes)) < 1:
     raise ValueError(f'density {hp.density} keeps no weight of the {sum(sizes)} prunable ones; '
                      f'use at least {masks.smallest_density(sum(sizes))}.')
@@ -730,7 +730,7 @@ def flash_layout(hp: FLASHHparams, params: Any, predicate: Callable[..., bool]) 
                        f'PDST\'s uniform per-layer density; use at least '
                        f'{masks.smallest_density(min(sizes))}.')
   return {'total': masks.keep_count(hp.density, sum(sizes)),
-          'start': masks.layer_counts(params, prunable_, hp.density)}
+          'start': masks.layer_counts(params, prunable, hp.density)}
 
 
 def _check_run(hp: FLASHHparams, config: Any) -> None:

@@ -226,7 +226,7 @@ def _scoring_mapping(mapping: ClientMapping) -> ClientMapping:
 def ssfl(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: LocalConfig,
          learning_rate: float, lr_decay: float = 1.0,
          server_optimizer: optax.GradientTransformation | None = None,
-         mapping: ClientMapping = ClientMapping(), prunable: Callable[..., bool] | None = None,
+         mapping: ClientMapping = ClientMapping(), is_prunable: Callable[..., bool] | None = None,
          layout: Any = None, **hparams: Any) -> Algorithm:
   """SSFL / SalientGrads: a static global mask from aggregated client saliency.
 
@@ -239,7 +239,7 @@ def ssfl(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Loc
     server_optimizer: optax optimizer on −Δ̄ (``sgd(1.0)``: FedAvg; with momentum: FedAvgM).
     mapping: how clients are mapped (training rounds; scoring uses it too, with ``vmap``
       replaced by ``chunked`` to bound memory over the whole population).
-    prunable: optional predicate ``(path, leaf) -> bool`` overriding which leaves are pruned
+    is_prunable: optional predicate ``(path, leaf) -> bool`` overriding which leaves are pruned
       (default: conv and dense kernels; see `fedsparse.masks.prunable_leaves`).
     layout: the keep counts of ``density`` (see :func:`ssfl_layout`), possibly traced, to use
       instead of deriving them from ``density`` (a sweep over densities sets it).
@@ -256,7 +256,7 @@ def ssfl(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Loc
   scoring_mapping = _scoring_mapping(mapping)
 
   def counts(params):
-    return layout if layout is not None else ssfl_layout(hp, params, prunable)
+    return layout if layout is not None else ssfl_layout(hp, params, is_prunable)
 
   def init(key: jax.Array, params: Any, data: FederatedData | None = None) -> SSFLState:
     del key, data  # the mask is drawn in the scoring round, from that round's key
@@ -264,26 +264,26 @@ def ssfl(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Loc
     return SSFLState(params=params, opt_state=server_optimizer.init(params),
                      mask=masks.ones_like(params), round=jnp.zeros((), jnp.int32))
 
-  def make_mask(params, data, key, prunable_):
+  def make_mask(params, data, key, prunable):
     kept = counts(params)
     if hp.mask == 'saliency':
       scores = population_saliency(
-          apply_fn, params, data, key, prunable=prunable_, batch_size=local.batch_size,
+          apply_fn, params, data, key, prunable=prunable, batch_size=local.batch_size,
           num_batches=hp.saliency_batches, score=hp.saliency_score,
           weighting=hp.saliency_weighting, mapping=scoring_mapping)
-      return masks.global_topk_traced(scores, prunable_, kept, hp.ties)
-    scores = masks.random_scores(key, params, prunable_)
+      return masks.global_topk_traced(scores, prunable, kept, hp.ties)
+    scores = masks.random_scores(key, params, prunable)
     if hp.mask == 'random_global':
-      return masks.global_topk_traced(scores, prunable_, kept)
-    return masks.layerwise_topk_traced(scores, prunable_, kept)
+      return masks.global_topk_traced(scores, prunable, kept)
+    return masks.layerwise_topk_traced(scores, prunable, kept)
 
   def round_fn(state: SSFLState, data: FederatedData, key: jax.Array
                ) -> tuple[SSFLState, dict[str, jax.Array]]:
-    prunable_ = masks.prunable_leaves(state.params, prunable)
+    prunable = masks.prunable_leaves(state.params, is_prunable)
     scoring = state.round == hp.warmup_rounds
 
     def score():
-      new_mask = make_mask(state.params, data, server_key(key), prunable_)
+      new_mask = make_mask(state.params, data, server_key(key), prunable)
       return new_mask, masks.apply(state.params, new_mask)
 
     # After scoring, the params are already masked (the core re-masks after every update), so
@@ -295,7 +295,7 @@ def ssfl(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Loc
 
     # Training traffic: kept prunable values + dense non-prunable leaves (mask all True there).
     bits = comm.known_positions_bits(mask_)
-    p_prunable = masks.num_prunable(state.params, prunable_)
+    p_prunable = masks.num_prunable(state.params, prunable)
     # One-time, every client: dense float32 scores up; the mask (and warm-up weights) down.
     once_up = comm.FLOAT_BITS * p_prunable if hp.mask == 'saliency' else 0
     once_down = comm.raw_mask_bits(p_prunable) + (
@@ -305,14 +305,15 @@ def ssfl(apply_fn: Callable[..., jax.Array], *, cohort: CohortConfig, local: Loc
         bits_up=comm.per_client(bits, k), bits_down=comm.per_client(bits, k),
         bits_up_all=jnp.where(scoring, comm.per_client(once_up, n), 0),
         bits_down_all=jnp.where(scoring, comm.per_client(once_down, n), 0),
-        density=masks.density(mask_, prunable_))
+        density=masks.density(mask_, prunable))
     return SSFLState(params, opt_state, mask_, state.round + 1), metrics
 
   return Algorithm(init=init, round=round_fn, eval_params=lambda state, key: state.params,
-                   layout=lambda params: ssfl_layout(hp, params, prunable))
+                   layout=lambda params: ssfl_layout(hp, params, is_prunable))
 
 
-def ssfl_layout(hp: SSFLHparams, params: Any, prunable: Callable[..., bool] | None = None) -> Any:
+def ssfl_layout(hp: SSFLHparams, params: Any,
+                is_prunable: Callable[..., bool] | None = None) -> Any:
   """The keep counts of ``hp.density`` on ``params``' shapes, exact (host integers).
 
   Returns:
@@ -321,16 +322,16 @@ def ssfl_layout(hp: SSFLHparams, params: Any, prunable: Callable[..., bool] | No
     under ``hp.layerwise_allocation``.
 
   Raises:
-    ValueError: when nothing is prunable or the density keeps no weight.
+    ValueError: when nothing is is_prunable or the density keeps no weight.
   """
-  prunable_ = masks.prunable_leaves(params, prunable)  # fails on nothing to prune
-  p_prunable = masks.num_prunable(params, prunable_)
+  prunable = masks.prunable_leaves(params, is_prunable)  # fails on nothing to prune
+  p_prunable = masks.num_prunable(params, prunable)
   if masks.keep_count(hp.density, p_prunable) < 1:
     raise ValueError(f'density {hp.density} keeps no weight of the {p_prunable} prunable '
                      f'ones; use at least {masks.smallest_density(p_prunable)}.')
   if hp.mask == 'random_layerwise':
-    densities = masks.allocate_densities(params, prunable_, hp.density, hp.layerwise_allocation)
-    return masks.layer_counts(params, prunable_, densities)
+    densities = masks.allocate_densities(params, prunable, hp.density, hp.layerwise_allocation)
+    return masks.layer_counts(params, prunable, densities)
   return masks.keep_count(hp.density, p_prunable)
 
 
