@@ -748,14 +748,21 @@ def _run_group(group: list[_Entry], traced: tuple[str, ...], strategy: str) -> N
       for i in indices:
         group[i].status = 'running'
         _write_status(group[i])
-      error = None
+      error = sub = None
       try:
         sub = program if len(indices) == len(group) else _GroupProgram(
             [group[i].config for i in indices], traced, strategy)
-        loop.run_members(sub, [members[i] for i in indices], start)
       except Exception as err:  # pylint: disable=broad-except -- recorded per member
         error = err
+      # Agreed before the loop: a process whose build failed must not leave the others waiting
+      # in the loop's collectives.
       error = distributed.agree_on_error(error)
+      if error is None:
+        try:
+          loop.run_members(sub, [members[i] for i in indices], start)
+        except Exception as err:  # pylint: disable=broad-except -- recorded per member
+          error = err
+        error = distributed.agree_on_error(error)
       if error is not None:
         logging.error('Sweep group failed: %s', ''.join(traceback.format_exception(error)))
         _fail_all([group[i] for i in indices], error)
