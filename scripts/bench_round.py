@@ -30,7 +30,8 @@ are built on). The baseline is a Python loop of jitted SGD steps over each clien
 the minibatches the jitted round draws. Each row shows the padding ratio: example slots
 computed over examples really trained on. Two more rows time FedDST itself on the same cohort
 (sparsity 0.8, ``sequential``): a plain round and a readjustment round. MNIST is read from
-``--npz`` (default ``../shared/data/mnist.npz``); without it, random MNIST-shaped data with
+``--npz`` (default: ``$FEDSPARSE_MNIST_NPZ``, else ``mnist.npz``; the README explains its
+layout); without it, random MNIST-shaped data with
 MNIST's class counts.
 
 Usage::
@@ -74,9 +75,8 @@ _SKIP_SLOW = flags.DEFINE_float('skip_slower_than', 120.0,
                                 'longer than this many seconds (reported with one run).')
 _JSON = flags.DEFINE_string('json', '', 'Optional path for the results as JSON lines.')
 _FEDDST = flags.DEFINE_bool('feddst', False, 'Time the FedDST reference round (uneven clients).')
-_NPZ = flags.DEFINE_string('npz', os.path.join(os.path.dirname(__file__), '..', '..', 'shared',
-                                               'data', 'mnist.npz'),
-                           'MNIST .npz for --feddst (random data of the same shape if absent).')
+_NPZ = flags.DEFINE_string('npz', os.environ.get('FEDSPARSE_MNIST_NPZ', 'mnist.npz'),
+                           'MNIST .npz (default: $FEDSPARSE_MNIST_NPZ, else mnist.npz) for --feddst (random data of the same shape if absent).')
 _FEDDST_MAPPINGS = flags.DEFINE_list(
     'feddst_mappings', ['sequential', 'sequential:pad', 'sharded', 'chunked:5', 'vmap:4', 'vmap'],
     'Strategies for --feddst: NAME[:ARG], ARG = chunk size (chunked), size groups (vmap) or '

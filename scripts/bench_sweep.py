@@ -18,7 +18,7 @@ that machine noise hits them alike. Ratios are separate / sweep, measured in the
 
 Workloads: ``digits`` is digits_fedavg (Conv4, 20 clients, 5 per round, 2 local epochs) cut to
 ``--digits_rounds`` rounds; ``mnist_ssfl`` is mnist_ssfl:smoke (8 clients, 3 per round, 2 local
-steps; MNIST from ``--npz``, default ``../shared/data/mnist.npz``) run for
+steps; MNIST from ``--npz``, default ``$FEDSPARSE_MNIST_NPZ``, else ``mnist.npz``) run for
 ``--ssfl_rounds`` rounds.
 
 Usage::
@@ -51,8 +51,9 @@ _SEEDS = flags.DEFINE_integer('seeds', 8, 'Sweep members (seeds 0..N-1).')
 _REPEATS = flags.DEFINE_integer('repeats', 3, 'Runs per variant; the median is reported.')
 _DIGITS_ROUNDS = flags.DEFINE_integer('digits_rounds', 20, 'Rounds of the digits workload.')
 _SSFL_ROUNDS = flags.DEFINE_integer('ssfl_rounds', 10, 'Rounds of the mnist_ssfl workload.')
-_NPZ = flags.DEFINE_string('npz', str(ROOT.parent / 'shared' / 'data' / 'mnist.npz'),
-                           'MNIST .npz for the mnist_ssfl workload.')
+_NPZ = flags.DEFINE_string('npz', os.environ.get('FEDSPARSE_MNIST_NPZ', 'mnist.npz'),
+                           'MNIST .npz for the mnist_ssfl workload (default: '
+                           '$FEDSPARSE_MNIST_NPZ, else mnist.npz).')
 _CHILD = flags.DEFINE_string('child', None, 'Internal: WORKLOAD,VARIANT,WORKDIR to run.')
 _OUT = flags.DEFINE_string('out', '', 'Also write the results as JSON here.')
 
