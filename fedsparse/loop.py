@@ -57,6 +57,11 @@ class Program:
   """
   num_members: int = 1
   multiprocess: bool = False
+  # Set by subclasses: whether the program runs over the global mesh (then `placement` is a
+  # sharding of it), and whether clients or members run under `vmap` (compiler options).
+  on_mesh: bool = False
+  placement: jax.sharding.Sharding | None = None
+  batched_clients: bool = False
 
   def init(self) -> Any:
     """The initial state of every member (stacked for groups)."""
@@ -89,7 +94,18 @@ class Program:
 
   def key(self, key: jax.Array) -> jax.Array:
     """``key`` placed where the program's state lives (for work outside `step`)."""
-    return key
+    return distributed.to_global(key) if self.on_mesh else key
+
+  def jit(self, fun: Any, out_shardings: Any = None, **kwargs: Any) -> Any:
+    """`fedsparse.engine.jit` with the program's compiler options.
+
+    On the mesh the outputs' placement is part of the contract, not left to the compiler
+    (``out_shardings``, default `placement`): every process must hold what it reads,
+    checkpoints or exports. Off the mesh the compiler chooses.
+    """
+    if self.on_mesh:
+      kwargs['out_shardings'] = self.placement if out_shardings is None else out_shardings
+    return engine.jit(fun, batched_clients=self.batched_clients, **kwargs)
 
 
 class SingleProgram(Program):
@@ -111,6 +127,7 @@ class SingleProgram(Program):
       exp = dataclasses.replace(exp, params=distributed.to_global(exp.params),
                                 data=distributed.to_global(exp.data))
     self.exp = exp
+    self.batched_clients = exp.mapping.batches_clients
     self.round_fn = self.evaluate_fn = None
 
   @property
@@ -120,26 +137,14 @@ class SingleProgram(Program):
       return distributed.replicated()
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
-  def key(self, key):
-    return distributed.to_global(key) if self.on_mesh else key
-
   def _init_args(self):
     return self.key(experiment.algorithm_key(self.exp.config.seed)), self.exp.params, self.exp.data
-
-  def _jit(self, fun: Any, **kwargs: Any) -> Any:
-    # Replicated outputs by contract, not by the compiler's choice (which today is replication
-    # for every algorithm's state and metrics): every process then holds the whole state, to
-    # checkpoint, evaluate and export it, and reads the metrics from its own copy.
-    if self.on_mesh:
-      kwargs['out_shardings'] = self.placement
-    return engine.jit(fun, **kwargs)
 
   def init(self):
     # One program. Run eagerly, an initialisation that works leaf by leaf (FedPM's signed
     # constants and scores, FedDST's random mask) compiles every operation for every leaf shape
     # on its own: tens of seconds for a ResNet on a CPU.
-    return self._jit(self.exp.algorithm.init, batched_clients=self.exp.mapping.batches_clients)(
-        *self._init_args())
+    return self.jit(self.exp.algorithm.init)(*self._init_args())
 
   def abstract_state(self):
     # Explicit shardings: orbax restores into them, not into the devices of the run that wrote
@@ -156,8 +161,7 @@ class SingleProgram(Program):
 
   def compile(self, state):
     exp = self.exp
-    self.round_fn = self._jit(exp.algorithm.round, batched_clients=exp.mapping.batches_clients,
-                              donate_argnums=0).lower(
+    self.round_fn = self.jit(exp.algorithm.round, donate_argnums=0).lower(
         state, exp.data, self.key(experiment.round_key(exp.config.seed, 0))).compile()
 
   def step(self, state, t):
@@ -172,7 +176,7 @@ class SingleProgram(Program):
       # one program, as a sweep compiles them: eagerly, every operation would compile alone.
       evaluator = engine.make_evaluator(exp.model.apply, exp.config.eval_batch_size,
                                         jitted=False)
-      self.evaluate_fn = self._jit(functools.partial(experiment.evaluate, evaluator,
+      self.evaluate_fn = self.jit(functools.partial(experiment.evaluate, evaluator,
                                                      exp.algorithm))
     out = self.evaluate_fn(state, self.key(experiment.eval_key(exp.config.seed, t)), exp.data)
     return [{k: float(v) for k, v in distributed.to_host(out).items()}]

@@ -290,8 +290,9 @@ class _GroupProgram(loop.Program):
     if self.member_mapping.resolved() == 'sharded' and self.mapping.resolved() == 'sharded':
       raise ValueError('members and clients cannot both be sharded; use strategy=sequential '
                        'or vmap for the clients of a sharded sweep')
-    self.batched = self.mapping.batches_clients or self.member_mapping.batches_clients
-    self.model = experiment.make_model(base, dataset.num_classes, self.batched)
+    self.batched_clients = (self.mapping.batches_clients
+                            or self.member_mapping.batches_clients)
+    self.model = experiment.make_model(base, dataset.num_classes, self.batched_clients)
     self.hparams = [experiment.algorithm_hparams(c) for c in configs]
     capped = {experiment.batch_cap(c, info) for c, info in zip(configs, self.infos)}
     if len(capped) > 1:
@@ -323,7 +324,6 @@ class _GroupProgram(loop.Program):
     self.eval_keys = _stack([experiment.eval_stream(c.seed) for c in configs])
     self.evaluator = engine.make_evaluator(self.model.apply, base.eval_batch_size, jitted=False)
     self._round = self._evaluate = self._init = self._take = self._stacker = None
-    self.placement = None  # the default device's, off the mesh
     self.on_mesh = jax.process_count() > 1 or 'sharded' in (self.member_mapping.resolved(),
                                                             self.mapping.resolved())
     if self.on_mesh:
@@ -357,19 +357,6 @@ class _GroupProgram(loop.Program):
                    'the group state is replicated (the round pads them to %d, %d per device, '
                    '%s).', self.num_members, where, per_device * devices, per_device,
                    self.member_mapping.local_strategy)
-
-  def key(self, key):
-    return distributed.to_global(key) if self.on_mesh else key
-
-  def _jit(self, fn, out_shardings, **kwargs):
-    """`fedsparse.engine.jit`, given ``out_shardings`` on the mesh (else the compiler's choice).
-
-    On the mesh the outputs' placement is part of the contract, not left to the compiler:
-    every process must hold what it reads, checkpoints or exports.
-    """
-    if self.on_mesh:
-      kwargs['out_shardings'] = out_shardings
-    return engine.jit(fn, batched_clients=self.batched, **kwargs)
 
   def _round_index(self, t: int) -> jax.Array:
     return distributed.to_global(np.int32(t)) if self.on_mesh else jnp.int32(t)
@@ -409,7 +396,7 @@ class _GroupProgram(loop.Program):
 
   def init(self):
     if self._init is None:
-      self._init = self._jit(self._init_all, self.placement)
+      self._init = self.jit(self._init_all)
     return self._init(*self._init_args())
 
   def abstract_state(self):
@@ -429,15 +416,15 @@ class _GroupProgram(loop.Program):
     if self._take is None:
       # One compile for every member (the index is an operand); the member's state gathered
       # to every device, so each process holds all of it (orbax saves it in concert).
-      self._take = engine.jit(lambda s, j: jax.tree.map(lambda x: x[j], s),
-                              out_shardings=distributed.replicated())
+      self._take = self.jit(lambda s, j: jax.tree.map(lambda x: x[j], s),
+                            distributed.replicated())
     return self._take(state, distributed.to_global(np.int32(i)))
 
   def stack(self, states):
     if not self.on_mesh:
       return _stack(states)
     if self._stacker is None:
-      self._stacker = engine.jit(_stack, out_shardings=self.placement)
+      self._stacker = self.jit(_stack)
     return self._stacker(list(states))
 
   def _round_all(self, state, shared, values, split, bases):
@@ -451,8 +438,8 @@ class _GroupProgram(loop.Program):
     return self._map(one, (data, t), values, split, state, bases)
 
   def compile(self, state):
-    placement = (self.placement, distributed.replicated()) if self.on_mesh else None
-    self._round = self._jit(self._round_all, placement, donate_argnums=0).lower(
+    self._round = self.jit(self._round_all, (self.placement, distributed.replicated()),
+                           donate_argnums=0).lower(
         state, (self.data, self._round_index(0)), self.values, self.member_data,
         self.round_keys).compile()
 
@@ -471,8 +458,7 @@ class _GroupProgram(loop.Program):
 
   def evaluate(self, state, t):
     if self._evaluate is None:
-      self._evaluate = self._jit(self._evaluate_all, distributed.replicated()
-                                 if self.on_mesh else None)
+      self._evaluate = self.jit(self._evaluate_all, distributed.replicated())
     out = self._to_host(self._evaluate(state, (self.data, self._round_index(t)), self.values,
                                        self.member_data, self.eval_keys))
     return [{k: float(v[i]) for k, v in out.items()} for i in range(self.num_members)]
