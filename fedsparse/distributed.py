@@ -42,8 +42,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-__all__ = ['agree_on_error', 'barrier', 'broadcast', 'broadcast_json', 'check_same',
-           'initialize', 'is_primary', 'replicated', 'sharded', 'to_global', 'to_host']
+__all__ = ['agree_on_error', 'any_process', 'barrier', 'broadcast', 'broadcast_json',
+           'check_same', 'initialize', 'is_primary', 'replicated', 'sharded', 'to_global',
+           'to_host']
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
@@ -193,6 +194,15 @@ def broadcast_json(value: Any, source: int = 0) -> Any:
   payload = data if is_source else np.zeros(length, np.uint8)
   received = multihost_utils.broadcast_one_to_all(payload, is_source=is_source)
   return json.loads(np.asarray(received, np.uint8).tobytes().decode())
+
+
+def any_process(flags: np.ndarray) -> np.ndarray:
+  """The elementwise OR of a boolean vector over all processes (a collective: every process
+  calls it at the same point with the same length)."""
+  flags = np.asarray(flags, bool)
+  if jax.process_count() == 1:
+    return flags
+  return np.any(multihost_utils.process_allgather(flags.astype(np.uint8)) > 0, axis=0)
 
 
 def agree_on_error(error: BaseException | None) -> BaseException | None:

@@ -393,9 +393,18 @@ def _rounds(program: Program, members: list[Member], state: Any, start_round: in
           rows[i].update(evals[i])
       for i in alive:
         try:
-          _log_row(members[i], rows[i], t, state, program, i)
-        except Exception as e:  # pylint: disable=broad-except -- e.g. a failed checkpoint save
+          _log_row(members[i], rows[i], t)
+        except Exception as e:  # pylint: disable=broad-except -- e.g. a full disk
           members[i].error = e
+      # Agreed before the checkpoints: orbax saves a member in every process together.
+      _agree_on_member_errors(members)
+      for i in alive:
+        if members[i].error is None:
+          try:
+            _save_checkpoint(members[i], t, state, program, i)
+          except Exception as e:  # pylint: disable=broad-except -- this member's save only
+            members[i].error = e
+      _agree_on_member_errors(members)
       elapsed += time.perf_counter() - t0
       eta = elapsed / (t + 1 - start_round) * (num_rounds - t - 1)
       best = max(alive, key=lambda i: rows[i].get('test_accuracy', -1.0))
@@ -416,9 +425,24 @@ def _rounds(program: Program, members: list[Member], state: Any, start_round: in
         m.error = e
 
 
-def _log_row(m: Member, row: dict[str, Any], t: int, state: Any, program: Program,
-             i: int) -> None:
-  """Writes member ``m``'s row (metrics.jsonl, TensorBoard) and its checkpoint if due."""
+def _agree_on_member_errors(members: list[Member]) -> None:
+  """Makes a member's error, raised in some processes only, every process's.
+
+  Process 0 alone writes the files, so a failed write (a full disk) fails a member there only;
+  the other processes would go on checkpointing it with orbax, which waits for process 0, or
+  run rounds that process 0 has left. One gather of flags per round; an agreed message per
+  failed member.
+  """
+  if jax.process_count() == 1:
+    return
+  failed = distributed.any_process(np.array([m.error is not None for m in members]))
+  for m, f in zip(members, failed):
+    if f:
+      m.error = distributed.agree_on_error(m.error)
+
+
+def _log_row(m: Member, row: dict[str, Any], t: int) -> None:
+  """Writes member ``m``'s row (metrics.jsonl, TensorBoard); a non-finite loss fails it."""
   if m.metrics_file is not None:  # process 0's (the only one in a single-process run)
     m.metrics_file.write(workdir_lib.json_row(row) + '\n')  # one write per line: never torn
     m.metrics_file.flush()
@@ -430,7 +454,10 @@ def _log_row(m: Member, row: dict[str, Any], t: int, state: Any, program: Progra
         f'The training loss became {row["train_loss"]} in round {t + 1} (the data were '
         f'checked finite, so training diverged); lower learning_rate (now '
         f'{m.config.learning_rate}) or set clip_norm (now {m.config.clip_norm}).')
-    return
+
+
+def _save_checkpoint(m: Member, t: int, state: Any, program: Program, i: int) -> None:
+  """Saves member ``m`` (``i`` of the program) after round ``t`` if a checkpoint is due."""
   every = m.config.checkpoint_every
   if m.manager is not None and every and (
       (t + 1) % every == 0 or t + 1 == m.config.num_rounds):

@@ -563,6 +563,13 @@ def run_sweep(base: ml_collections.ConfigDict, members: Sequence[dict[str, Any]]
         member_config(base, {key: _get(base, key)})
       except ValueError as err:
         raise UsageError(str(err)) from None
+  client_strategies = {base.strategy} | {m['strategy'] for m in members if 'strategy' in m}
+  if strategy == 'sharded' and 'sharded' in client_strategies:
+    # One mesh axis cannot split both; found here, not after each group has been set up.
+    raise UsageError('The sweep shards its members over the devices (member mapping '
+                     '\'sharded\') and the clients too (strategy=sharded); one device axis '
+                     'cannot split both. Map the clients by another strategy (sequential, '
+                     'vmap, chunked) or the members by another mapping.')
   # Traced: the swept keys whose values enter the round as numbers. Chosen from the sweep (not
   # from a group's values), so a member's state has the same structure on every resume.
   traced = experiment.traced_keys(base, swept)

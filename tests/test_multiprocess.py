@@ -295,7 +295,9 @@ error = ValueError('only here') if jax.process_index() == 1 else None
 agreed = distributed.agree_on_error(error)
 same = distributed.agree_on_error(KeyError('everywhere'))
 decided = distributed.broadcast_json({'done': [jax.process_index()] * 3})
-print('RESULT', type(agreed).__name__, agreed, '|', type(same).__name__, '|', decided)
+anywhere = distributed.any_process([jax.process_index() == 0, False, jax.process_index() == 1])
+print('RESULT', type(agreed).__name__, agreed, '|', type(same).__name__, '|', decided, '|',
+      anywhere.tolist())
 """
 
 
@@ -309,7 +311,44 @@ def test_processes_agree_on_an_error_that_one_of_them_raised(tmp_path):
              for out in outputs]
   assert results[0] == results[1], results
   assert results[0] == ("RESULT RuntimeError process(es) 1 of 2 failed, process 1 with "
-                        "ValueError: only here | KeyError | {'done': [0, 0, 0]}")
+                        "ValueError: only here | KeyError | {'done': [0, 0, 0]} | "
+                        "[True, False, True]")
+
+
+# Process 0 alone fails to write member 0's round-2 row (its files are process 0's).
+_FAIL_ON_PRIMARY = '''
+import runpy
+import sys
+import jax
+from fedsparse import loop
+plain = loop._log_row
+def failing(m, row, t, *args):
+  if t == 1 and m.workdir.name == 'learning_rate=0.05' and jax.process_index() == 0:
+    raise OSError('No space left on device (injected)')
+  return plain(m, row, t, *args)
+loop._log_row = failing
+sys.argv = ['sweep'] + sys.argv[1:]
+runpy.run_module('experiments.sweep', run_name='__main__')
+'''
+
+
+def test_a_member_that_fails_in_process_0_only_fails_in_every_process(tmp_path):
+  """A member whose file write fails on process 0 fails everywhere; the other one finishes.
+
+  Without agreement the other process would checkpoint the failed member alone, waiting for
+  process 0 in orbax's save (the test would time out).
+  """
+  root = tmp_path / 'multi'
+  commands = _process_commands(root, ['--config.num_rounds=3'],
+                               command=_sweep_command(tmp_path))
+  commands = [[sys.executable, '-c', _FAIL_ON_PRIMARY] + c[3:] for c in commands]
+  codes, outputs = _launch(commands, _env(devices=1), tmp_path / 'logs')
+  assert codes[0] == codes[1] != 0, (codes, outputs)
+  failed, done = (root / m for m in SWEEP_MEMBERS)
+  assert [(r['member'], r['status'], r['rounds']) for r in _summary(root)] == [
+      (SWEEP_MEMBERS[0], 'failed', '1'), (SWEEP_MEMBERS[1], 'done', '3')]
+  assert 'No space left on device (injected)' in (failed / 'status.json').read_text()
+  assert len(_rows(done)) == 3
 
 
 @pytest.mark.parametrize('flags, message', [

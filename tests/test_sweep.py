@@ -292,6 +292,12 @@ def test_a_crashing_group_fails_its_members_and_the_others_finish(tmp_path, monk
   assert all('MemoryError: out of memory' in r['error'] for r in rows[:2])
 
 
+def _with(config, **overrides):
+  config = config.copy_and_resolve_references()
+  config.update(overrides)
+  return config
+
+
 def test_a_config_change_or_fewer_rounds_fails_the_sweep_before_it_runs(tmp_path):
   base = digits(rounds=2)
   members = [{'seed': 0}, {'seed': 1}]
@@ -308,6 +314,10 @@ def test_a_config_change_or_fewer_rounds_fails_the_sweep_before_it_runs(tmp_path
     sweep.run_sweep(fewer, members, tmp_path, strategy='sequential')
   with pytest.raises(train.UsageError, match='Unknown sweep key'):
     sweep.run_sweep(base, [{'learning_rat': 0.1}], tmp_path, strategy='sequential')
+  for sharded_base, sharded_members in ((base, [{'seed': 0, 'strategy': 'sharded'}]),
+                                        (_with(base, strategy='sharded'), members)):
+    with pytest.raises(train.UsageError, match='one device axis cannot split both'):
+      sweep.run_sweep(sharded_base, sharded_members, tmp_path, strategy='sharded')
   after = {p: p.read_bytes() for p in tmp_path.rglob('*') if p.is_file() and '.lock' not in p.name}
   assert after == before  # nothing changed: still two finished members
   assert [r['status'] for r in sweep.run_sweep(base, members, tmp_path)] == ['done', 'done']
