@@ -54,11 +54,13 @@ class Program:
     num_members: how many runs the program computes.
     multiprocess: whether it can run in every process of a multi-process `jax.distributed`
       job (its state, inputs and outputs global arrays, see `fedsparse.distributed`).
+    on_mesh: whether it runs over the global mesh (global arrays in and out).
+    placement: where its state lives (a sharding of the mesh when `on_mesh`).
+    batched_clients: whether clients or members run under ``vmap`` (compiler options).
   """
   num_members: int = 1
   multiprocess: bool = False
-  # Set by subclasses: whether the program runs over the global mesh (then `placement` is a
-  # sharding of it), and whether clients or members run under `vmap` (compiler options).
+  # Set by subclasses (see Attributes).
   on_mesh: bool = False
   placement: jax.sharding.Sharding | None = None
   batched_clients: bool = False
@@ -430,8 +432,8 @@ def _agree_on_member_errors(members: list[Member]) -> None:
 
   Process 0 alone writes the files, so a failed write (a full disk) fails a member there only;
   the other processes would go on checkpointing it with orbax, which waits for process 0, or
-  run rounds that process 0 has left. One gather of flags per round; an agreed message per
-  failed member.
+  run rounds that process 0 has left. One gather of flags per call (two per round), and an
+  agreed message per failed member.
   """
   if jax.process_count() == 1:
     return

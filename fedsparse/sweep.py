@@ -243,7 +243,7 @@ def _member_mapping(strategy: str, clients: engine.ClientMapping) -> engine.Clie
   if jax.process_count() == 1:
     return engine.ClientMapping(strategy)
   if clients.resolved() == 'sharded':
-    return engine.ClientMapping(strategy)  # 'sharded' is refused by _GroupProgram
+    return engine.ClientMapping(strategy)  # 'sharded' here is refused by run_sweep
   return engine.ClientMapping('sharded', inner=(
       'auto' if strategy in ('auto', 'sharded') else strategy))
 
@@ -529,9 +529,9 @@ def run_sweep(base: ml_collections.ConfigDict, members: Sequence[dict[str, Any]]
     One summary row per member, in the sweep's order.
 
   Raises:
-    UsageError: an empty sweep, duplicate member names, an unknown strategy, a workdir that
-      cannot be used, or processes that disagree on the sweep (before anything runs). Errors
-      of single members are recorded, not raised.
+    UsageError: an empty sweep, duplicate member names, an unknown strategy, members and
+      clients both sharded, a workdir that cannot be used, or processes that disagree on the
+      sweep (before anything runs). Errors of single members are recorded, not raised.
   """
   root = pathlib.Path(workdir)
   # Before any check that could fail in some processes only (the others would wait for them in
@@ -563,7 +563,7 @@ def run_sweep(base: ml_collections.ConfigDict, members: Sequence[dict[str, Any]]
         member_config(base, {key: _get(base, key)})
       except ValueError as err:
         raise UsageError(str(err)) from None
-  client_strategies = {base.strategy} | {m['strategy'] for m in members if 'strategy' in m}
+  client_strategies = {m.get('strategy', base.strategy) for m in members}
   if strategy == 'sharded' and 'sharded' in client_strategies:
     # One mesh axis cannot split both; found here, not after each group has been set up.
     raise UsageError('The sweep shards its members over the devices (member mapping '

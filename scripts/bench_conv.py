@@ -1,9 +1,9 @@
 """Micro-benchmark behind `fedsparse.models.layers`: which conv formulation, which client mapping.
 
 On XLA:CPU a convolution gradient inside `lax.scan`/`lax.map` or under `vmap` leaves the fast
-path (DESIGN.md, "Measured facts"). This script measures, for MNISTNet and Conv4 (batch 32,
-28x28x1 random data, plain SGD), seconds per "round" = ``--clients`` clients x S local steps
-followed by a FedAvg mean, for:
+path (see the `fedsparse.models.layers` module docstring). This script measures, for MNISTNet
+and Conv4 (batch 32, 28x28x1 random data, plain SGD), seconds per "round" = ``--clients``
+clients x S local steps followed by a FedAvg mean, for:
 
   (a) ``loop``: Python loop over clients and steps, one jitted SGD step per call (how most FL
       simulators run), `block_until_ready` at the end; the reference is ``loop/xla``.
